@@ -1,0 +1,112 @@
+"""Command line: a thin shell over the config model and the runtime.
+
+Exit codes: 0 clean stop, 1 failure at run time, 2 bad configuration or usage.
+This is the only module that picks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from albatross.config import Config, ConfigError, load_config
+from albatross.runtime.app import App, EngineFiles
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Albatross: LLM streams that survive.")
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _resolve_files(config: Config) -> EngineFiles:
+    """Locate (or build, once) what managed replicas need. Raises ConfigError."""
+    from albatross.engines.embedded_model import embedded_model_path
+    from albatross.engines.llama_build import llama_server_binary
+
+    managed = any(m.replicas > 0 for m in config.models)
+    binary = llama_server_binary(config.llama_server) if managed else None
+    paths: dict[str, Path] = {}
+    for i, m in enumerate(config.models):
+        if m.replicas == 0:
+            continue
+        p = m.path if m.path is not None else embedded_model_path()
+        if not p.is_file():
+            raise ConfigError("config", [f"models.{i}.path = {str(p)!r}: file does not exist"])
+        paths[m.name] = p
+    return EngineFiles(binary, paths)
+
+
+async def _serve(config: Config, files: EngineFiles) -> None:
+    application = App(config, files)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(application.start())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is None:
+        g = config.gateway
+        names = ", ".join(f"{m.name} ({m.replicas} replicas{', ' + str(len(m.endpoints)) + ' endpoints' if m.endpoints else ''})" for m in config.models)
+        print(f"albatross: serving {names} on http://{g.host}:{application.port}", flush=True)
+        await stopper
+    else:
+        starting.cancel()
+    print("albatross: stopping", flush=True)
+    await application.stop()
+    if starting.done() and not starting.cancelled() and starting.exception() is not None:
+        raise starting.exception()  # type: ignore[misc]
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file; default: the embedded default.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override gateway.port.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Start the gateway and its engine replicas; Ctrl-C stops everything."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = load_config(config)
+        if port is not None:
+            cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update={"port": port})})
+        files = _resolve_files(cfg)
+    except ConfigError as exc:
+        print(f"albatross: invalid configuration in {exc.source}:", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        raise typer.Exit(EXIT_CONFIG) from exc
+    try:
+        import uvloop
+
+        uvloop.run(_serve(cfg, files))
+    except Exception as exc:
+        logging.getLogger("albatross").error("%s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG))
+        raise typer.Exit(EXIT_FAILURE) from exc
+
+
+@app.command("check-config")
+def check_config(config: Annotated[Path, typer.Argument(help="TOML config file.")]) -> None:
+    """Validate a config file and print it resolved with defaults."""
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        print(f"albatross: invalid configuration in {exc.source}:", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        raise typer.Exit(EXIT_CONFIG) from exc
+    print(cfg.model_dump_json(indent=2))
+
+
+def main() -> None:
+    app()

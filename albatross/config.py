@@ -1,0 +1,186 @@
+"""One typed, validated, frozen configuration model.
+
+The same model is built from a TOML file (``albatross serve --config FILE``), from
+code (``Config(...)``) or from nothing (:func:`embedded_default`). Validation happens
+once, at start; afterwards every object is frozen. A bad file is reported as
+:class:`ConfigError` naming the key, the value and the rule, which the CLI turns into
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GatewayConfig(_Frozen):
+    """The client-facing HTTP server."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    """Largest request body accepted; larger ones get 413."""
+    max_tokens_default: Annotated[int, Field(ge=1)] = 256
+    """``max_tokens`` used when a request does not say."""
+    max_tokens_limit: Annotated[int, Field(ge=1)] = 8192
+    """Largest ``max_tokens`` a request may ask for."""
+    first_token_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    """How long a request may wait for its first token before it fails with 504."""
+
+
+class SupervisorConfig(_Frozen):
+    """How engine processes are started, watched and stopped."""
+
+    log_dir: Path = Path(".albatross/logs")
+    """One append-mode log file per replica goes here."""
+    ready_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    """A replica that does not answer its health endpoint within this time is restarted."""
+    health_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    """Period of health checks on ready replicas."""
+    health_failures: Annotated[int, Field(ge=1)] = 3
+    """Consecutive failed checks after which a replica leaves the pool."""
+    restart_backoff_initial_s: Annotated[float, Field(gt=0)] = 0.5
+    restart_backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
+    stop_grace_s: Annotated[float, Field(ge=0)] = 5.0
+    """Time between SIGTERM and SIGKILL when stopping a replica."""
+
+
+class LlamaServerConfig(_Frozen):
+    """Where the llama-server binary comes from."""
+
+    binary: Path | None = None
+    """Use this binary; unset = build (once, cached) from the pinned llama.cpp sources."""
+    cache_dir: Path | None = None
+    """Build cache; unset = ``$ALBATROSS_CACHE`` or ``~/.cache/albatross``."""
+
+
+class ModelConfig(_Frozen):
+    """One model served under one name, by managed replicas or existing endpoints."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    """The name clients put in ``model``."""
+    engine: Literal["llama-server"] = "llama-server"
+    path: Path | None = None
+    """GGUF file for managed replicas; unset = the embedded SmolLM2-135M-Instruct."""
+    replicas: Annotated[int, Field(ge=0, le=64)] = 2
+    """Managed replicas to start (0 when only ``endpoints`` are used)."""
+    endpoints: tuple[str, ...] = ()
+    """Base URLs of engines already running elsewhere (not started or stopped by us)."""
+    threads: Annotated[int, Field(ge=1, le=256)] = 1
+    ctx_size: Annotated[int, Field(ge=128)] = 4096
+    parallel: Annotated[int, Field(ge=1, le=256)] = 4
+    """Concurrent sequences per replica (llama-server ``-np``)."""
+    extra_args: tuple[str, ...] = ()
+    """Further llama-server arguments, passed as they are (never through a shell)."""
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for url in v:
+            if not (url.startswith("http://") and len(url) > len("http://")):
+                raise ValueError(f"endpoint {url!r} must be an http:// base URL")
+        return tuple(u.rstrip("/") for u in v)
+
+    @model_validator(mode="after")
+    def _check_has_replicas(self) -> ModelConfig:
+        if self.replicas == 0 and not self.endpoints:
+            raise ValueError("a model needs replicas >= 1 or at least one endpoint")
+        return self
+
+
+class Config(_Frozen):
+    """The whole configuration."""
+
+    gateway: GatewayConfig = GatewayConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    llama_server: LlamaServerConfig = LlamaServerConfig()
+    models: Annotated[tuple[ModelConfig, ...], Field(min_length=1)] = (
+        ModelConfig(name=DEFAULT_MODEL_NAME),
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, v: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
+        seen: set[str] = set()
+        for m in v:
+            if m.name in seen:
+                raise ValueError(f"model name {m.name!r} appears twice")
+            seen.add(m.name)
+        return v
+
+    def model(self, name: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+class ConfigError(Exception):
+    """Raised when a configuration file cannot be read or breaks a rule.
+
+    ``problems`` holds one line per problem: the key, the value and the rule.
+    """
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def _describe(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value: Any = e.get("input")
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        rule = e["msg"]
+        if e["type"] == "extra_forbidden":
+            rule = "unknown key"
+        lines.append(f"{key} = {shown}: {rule}")
+    return lines
+
+
+def config_from_mapping(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a parsed mapping into a frozen :class:`Config`."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _describe(exc)) from exc
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate ``path``; ``None`` gives the embedded default."""
+    if path is None:
+        return embedded_default()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read file: {exc.strerror}"]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from exc
+    return config_from_mapping(data, str(path))
+
+
+def embedded_default() -> Config:
+    """Gateway on 127.0.0.1:8000 over two llama-server replicas of SmolLM2-135M-Instruct."""
+    return Config()

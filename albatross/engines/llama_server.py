@@ -1,0 +1,224 @@
+"""Adapter for llama.cpp's ``llama-server``.
+
+Generations go through ``POST /completion`` with a token-id prompt, ``stream`` and
+``return_tokens``: every SSE event then carries one sampled token id, the text the
+server released with it, and ``tokens_predicted`` (the token's 1-based index in this
+generation), from which the absolute journal position follows. Chat prompts are
+rendered with the model's own template (``/apply-template``) and tokenized
+(``/tokenize``) here, so the gateway always holds the prompt as ids.
+
+Stop sequences are not sent to the engine (the gateway matches them, see
+``core/stops.py``). The pinned build carries a small patch so the server also reports
+the ids of tokens whose UTF-8 bytes it holds back; against an unpatched server such a
+token shows up as a skipped ``tokens_predicted``, which the journal refuses as a gap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from albatross.core.errors import ClientError, EngineError
+from albatross.core.journal import Continuation
+from albatross.core.requests import ChatMessage
+from albatross.engines.base import Capabilities, Finished, Generation, TokenSink
+from albatross.engines.http_client import (
+    StreamingResponse,
+    build_request,
+    open_stream,
+    request_json,
+    split_base_url,
+)
+
+CAPABILITIES = Capabilities(
+    token_id_prompts=True, slot_save_restore=True, router_mode=True, held_token_ids=True
+)
+
+_SAMPLING_FIELDS = (
+    ("temperature", "temperature"),
+    ("top_p", "top_p"),
+    ("top_k", "top_k"),
+    ("min_p", "min_p"),
+    ("presence_penalty", "presence_penalty"),
+    ("frequency_penalty", "frequency_penalty"),
+    ("repeat_penalty", "repeat_penalty"),
+)
+
+
+def completion_body(cont: Continuation) -> dict[str, Any]:
+    """The ``/completion`` request that continues ``cont`` (pure; tested directly)."""
+    body: dict[str, Any] = {
+        "prompt": list(cont.prompt_ids),
+        "n_predict": cont.max_tokens,
+        "seed": cont.seed,
+        "stream": True,
+        "return_tokens": True,
+        "cache_prompt": True,
+    }
+    p = cont.params
+    for attr, key in _SAMPLING_FIELDS:
+        v = getattr(p, attr)
+        if v is not None:
+            body[key] = v
+    return body
+
+
+class _SSEGeneration:
+    """Parses llama-server's SSE body into sink calls; the hot path of every token."""
+
+    __slots__ = ("_buf", "_done", "_err_body", "_proto", "_sink", "_start", "_status")
+
+    def __init__(self, start: int, sink: TokenSink) -> None:
+        self._start = start
+        self._sink = sink
+        self._buf = b""
+        self._status = 0
+        self._err_body = b""
+        self._done = False
+        self._proto: StreamingResponse | None = None
+
+    # Generation protocol
+    def cancel(self) -> None:
+        self._done = True
+        if self._proto is not None:
+            self._proto.close()
+
+    def pause(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.resume_reading()
+
+    # StreamingResponse callbacks
+    def on_head(self, status: int) -> None:
+        self._status = status
+
+    def on_body(self, data: bytes) -> None:
+        if self._status != 200:
+            self._err_body += data
+            return
+        buf = self._buf + data if self._buf else data
+        sink = self._sink
+        got = False
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end == -1:
+                break
+            block = buf[start:end]
+            start = end + 2
+            if not block.startswith(b"data: "):
+                continue  # ":" keep-alive pings, or event names we do not use
+            try:
+                ev = orjson.loads(block[6:])
+            except orjson.JSONDecodeError:
+                self._fail(EngineError(f"engine sent a malformed event: {block[:120]!r}"))
+                return
+            toks = ev.get("tokens")
+            if toks:
+                pos = self._start + ev["tokens_predicted"] - len(toks)
+                piece = ev["content"]
+                for t in toks:
+                    sink.on_token(pos, t, piece)
+                    pos += 1
+                    piece = ""
+                got = True
+            if ev.get("stop"):
+                if got:
+                    sink.on_batch()
+                self._finish(ev)
+                return
+            err = ev.get("error")
+            if err is not None:
+                if got:
+                    sink.on_batch()
+                self._fail(EngineError(f"engine error during generation: {_message(err)}"))
+                return
+        self._buf = buf[start:] if start < len(buf) else b""
+        if got:
+            sink.on_batch()
+
+    def on_end(self, error: EngineError | None) -> None:
+        if self._done:
+            return
+        if self._status not in (0, 200):
+            self._fail(_status_error(self._status, self._err_body))
+        else:
+            self._fail(error or EngineError("engine ended the stream without a final event"))
+
+    def _finish(self, ev: dict[str, Any]) -> None:
+        self._done = True
+        timings = ev.get("timings") or {}
+        self._sink.on_finish(Finished(stop_type=str(ev.get("stop_type", "none")), prompt_n=timings.get("prompt_n")))
+        if self._proto is not None:
+            self._proto.close()
+
+    def _fail(self, error: EngineError | ClientError) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._proto is not None:
+            self._proto.close()
+        if isinstance(error, ClientError):
+            # An engine 4xx (e.g. prompt longer than the context) is the request's fault.
+            self._sink.on_error(error)  # type: ignore[arg-type]
+        else:
+            self._sink.on_error(error)
+
+
+def _message(err: Any) -> str:
+    if isinstance(err, dict):
+        return str(err.get("message", err))
+    return str(err)
+
+
+def _status_error(status: int, body: bytes) -> EngineError | ClientError:
+    try:
+        msg = _message(orjson.loads(body).get("error", body[:200]))
+    except (orjson.JSONDecodeError, AttributeError):
+        msg = body[:200].decode("utf-8", "replace")
+    if 400 <= status < 500:
+        return ClientError(f"engine refused the request: {msg}", code="engine_rejected")
+    return EngineError(f"engine answered {status}: {msg}")
+
+
+class LlamaServerClient:
+    """One llama-server replica. Stateless apart from its address."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.host, self.port = split_base_url(self.base_url)
+
+    async def health(self) -> bool:
+        try:
+            status, _ = await request_json(self.base_url, "GET", "/health", timeout_s=2.0)
+        except EngineError:
+            return False
+        return status == 200
+
+    async def _call(self, path: str, body: Any) -> Any:
+        status, data = await request_json(self.base_url, "POST", path, body)
+        if status != 200:
+            raise _status_error(status, orjson.dumps(data))
+        return data
+
+    async def prompt_ids_for_chat(self, messages: tuple[ChatMessage, ...]) -> tuple[int, ...]:
+        data = await self._call(
+            "/apply-template", {"messages": [{"role": m.role, "content": m.content} for m in messages]}
+        )
+        return await self.prompt_ids_for_text(data["prompt"])
+
+    async def prompt_ids_for_text(self, text: str) -> tuple[int, ...]:
+        data = await self._call("/tokenize", {"content": text, "add_special": True, "parse_special": True})
+        return tuple(data["tokens"])
+
+    async def generate(self, cont: Continuation, sink: TokenSink) -> Generation:
+        gen = _SSEGeneration(cont.start, sink)
+        req = build_request("POST", self.host, self.port, "/completion", orjson.dumps(completion_body(cont)))
+        gen._proto = await open_stream(self.host, self.port, req, gen.on_head, gen.on_body, gen.on_end)
+        return gen

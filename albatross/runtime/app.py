@@ -1,0 +1,126 @@
+"""Wires the parts together and runs them: supervisor, replica pool, health checks,
+HTTP server. The only owner of the tasks it starts; :meth:`App.stop` ends them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from albatross.config import Config, ModelConfig
+from albatross.core.replicas import Event, ReplicaState
+from albatross.gateway.errors import error_response
+from albatross.gateway.http import serve
+from albatross.gateway.metrics import Metrics
+from albatross.runtime.handlers import Api
+from albatross.runtime.pool import Pool
+from albatross.supervisor.supervisor import ReplicaSpec, Supervisor
+
+log = logging.getLogger("albatross")
+
+
+@dataclass(frozen=True)
+class EngineFiles:
+    """What managed replicas need on disk, resolved before start (builds happen there)."""
+
+    llama_server: Path | None
+    model_paths: dict[str, Path]
+
+
+def llama_server_argv(binary: Path, model_path: Path, m: ModelConfig) -> Callable[[int], list[str]]:
+    def argv(port: int) -> list[str]:
+        return [
+            str(binary),
+            "-m", str(model_path),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "-np", str(m.parallel),
+            # -c is shared by all slots; give every slot the configured context.
+            "-c", str(m.ctx_size * m.parallel),
+            "-t", str(m.threads),
+            "--no-webui",
+            *m.extra_args,
+        ]  # fmt: skip
+
+    return argv
+
+
+async def _probe(base_url: str) -> bool:
+    from albatross.engines.llama_server import LlamaServerClient
+
+    return await LlamaServerClient(base_url).health()
+
+
+class App:
+    def __init__(self, config: Config, files: EngineFiles) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.pool = Pool(self.metrics, config.supervisor.health_failures)
+        specs: list[ReplicaSpec] = []
+        log_dir = config.supervisor.log_dir
+        for m in config.models:
+            for i in range(m.replicas):
+                rid = f"{m.name}/{i}"
+                self.pool.add(rid, m.name, managed=True)
+                assert files.llama_server is not None
+                specs.append(
+                    ReplicaSpec(
+                        replica_id=rid,
+                        argv=llama_server_argv(files.llama_server, files.model_paths[m.name], m),
+                        log_path=log_dir / f"{m.name.replace('/', '_')}-{i}.log",
+                    )
+                )
+            for j, url in enumerate(m.endpoints):
+                self.pool.add(f"{m.name}/ext{j}", m.name, managed=False, base_url=url)
+        self.supervisor = Supervisor(specs, config.supervisor, self.pool, _probe)
+        self.api = Api(config, self.pool, self.metrics)
+        self._server: asyncio.Server | None = None
+        self._health_task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Start replicas (ready when this returns), health checks and the HTTP server."""
+        await self.supervisor.start()
+        self._health_task = asyncio.create_task(self._check_health(), name="health-checks")
+        g = self.config.gateway
+        self._server = await serve(self.api, error_response, g.host, g.port, g.max_body_bytes)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Stop accepting, give streams in flight ``grace_s`` to end, stop replicas."""
+        if self._server is not None:
+            self._server.close()
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while any(r.in_flight for r in self.pool.replicas.values()):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.supervisor.close()
+
+    async def _check_health(self) -> None:
+        interval = self.config.supervisor.health_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            targets = [
+                r
+                for r in self.pool.replicas.values()
+                if r.client is not None
+                and (not r.managed or r.health.state in (ReplicaState.READY, ReplicaState.UNHEALTHY))
+            ]
+            results = await asyncio.gather(*(r.client.health() for r in targets if r.client))
+            for r, ok in zip(targets, results, strict=True):
+                if ok and not r.managed and r.health.state is not ReplicaState.READY:
+                    self.pool.apply(r.replica_id, Event.STARTED)
+                else:
+                    self.pool.apply(r.replica_id, Event.CHECK_PASSED if ok else Event.CHECK_FAILED)

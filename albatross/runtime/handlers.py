@@ -1,0 +1,151 @@
+"""OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/models``, plus ``/health`` and ``/metrics``.
+
+A handler validates (4xx with the field named), picks a replica, turns the prompt into
+token ids on it, opens the request's journal and hands the rest to a
+:class:`StreamSession`. The replica counts as busy for as long as the session runs,
+that is, as long as the response body is being streamed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from albatross.config import Config
+from albatross.core.errors import (
+    AlbatrossError,
+    ClientError,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+)
+from albatross.core.journal import StreamJournal
+from albatross.core.replicas import ReplicaState
+from albatross.core.requests import GenerationRequest, Limits, parse_chat, parse_completion
+from albatross.gateway.http import Request
+from albatross.gateway.metrics import Metrics
+from albatross.gateway.sse import Encoder
+from albatross.runtime.pool import Pool
+from albatross.runtime.stream import StreamSession
+
+_Route = Callable[[Request], Awaitable[None]]
+
+
+class Api:
+    def __init__(self, config: Config, pool: Pool, metrics: Metrics) -> None:
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+        g = config.gateway
+        self._limits = Limits(g.max_tokens_default, g.max_tokens_limit)
+        self._routes: dict[str, dict[str, _Route]] = {
+            "/v1/chat/completions": {"POST": self._chat},
+            "/v1/completions": {"POST": self._completion},
+            "/v1/models": {"GET": self._models},
+            "/health": {"GET": self._health},
+            "/metrics": {"GET": self._metrics},
+        }
+        self._created = int(time.time())
+
+    async def __call__(self, req: Request) -> None:
+        methods = self._routes.get(req.path.rstrip("/") or "/")
+        if methods is None:
+            self._count(req.path, 404)
+            raise NotFound(f"no route for {req.path}")
+        handler = methods.get(req.method)
+        if handler is None:
+            self._count(req.path, 405)
+            raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}; use {', '.join(methods)}")
+        try:
+            await handler(req)
+        except AlbatrossError as exc:
+            self._count(req.path, exc.status)
+            raise
+        else:
+            if req.path.startswith("/v1/"):
+                self._count(req.path, 499 if req.conn.closed else 200)
+
+    def _count(self, endpoint: str, status: int) -> None:
+        if endpoint not in self._routes:
+            endpoint = "other"
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    # ---- generation -------------------------------------------------------------
+    async def _chat(self, req: Request) -> None:
+        greq = parse_chat(_json(req), self._limits, random.getrandbits(32))
+        await self._generate(req, greq, "chatcmpl-")
+
+    async def _completion(self, req: Request) -> None:
+        greq = parse_completion(_json(req), self._limits, random.getrandbits(32))
+        await self._generate(req, greq, "cmpl-")
+
+    async def _generate(self, req: Request, greq: GenerationRequest, prefix: str) -> None:
+        received = time.perf_counter()
+        if self.config.model(greq.model) is None:
+            raise ModelNotFound(greq.model, [m.name for m in self.config.models])
+        g = self.config.gateway
+        replica = await self.pool.acquire(greq.model, g.first_token_timeout_s)
+        mm = self.metrics.model(greq.model)
+        mm.in_flight.inc()  # type: ignore[attr-defined]
+        try:
+            client = replica.client
+            assert client is not None
+            if greq.kind == "chat":
+                prompt_ids = await client.prompt_ids_for_chat(greq.messages)
+            elif greq.prompt_ids is not None:
+                prompt_ids = greq.prompt_ids
+            else:
+                prompt_ids = await client.prompt_ids_for_text(greq.prompt_text or "")
+            rid = prefix + os.urandom(12).hex()
+            journal = StreamJournal(rid, prompt_ids, greq.params)
+            session = StreamSession(
+                req.conn,
+                journal,
+                Encoder(greq.kind, rid, greq.model, int(time.time())),
+                mm,
+                stream=greq.stream,
+                include_usage=greq.include_usage,
+                received_at=received,
+                first_token_timeout_s=g.first_token_timeout_s,
+            )
+            await session.run(client)
+        finally:
+            mm.in_flight.dec()  # type: ignore[attr-defined]
+            self.pool.release(replica)
+
+    # ---- the rest ---------------------------------------------------------------
+    async def _models(self, req: Request) -> None:
+        data = [
+            {"id": m.name, "object": "model", "created": self._created, "owned_by": "albatross"}
+            for m in self.config.models
+        ]
+        req.conn.respond(200, orjson.dumps({"object": "list", "data": data}))
+
+    async def _health(self, req: Request) -> None:
+        models: dict[str, dict[str, int]] = {}
+        for r in self.pool.replicas.values():
+            m = models.setdefault(r.model, {"ready": 0, "total": 0})
+            m["total"] += 1
+            m["ready"] += r.health.state is ReplicaState.READY
+        ok = all(m["ready"] > 0 for m in models.values())
+        body = {"status": "ok" if ok else "degraded", "models": models}
+        req.conn.respond(200 if ok else 503, orjson.dumps(body))
+
+    async def _metrics(self, req: Request) -> None:
+        req.conn.respond(200, self.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _json(req: Request) -> object:
+    # The body is parsed as JSON whatever Content-Type says (curl -d sends a form type).
+    if not req.body:
+        raise ClientError("request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return orjson.loads(req.body)
+    except orjson.JSONDecodeError as exc:
+        raise ClientError(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+
