@@ -60,6 +60,12 @@ class SupervisorConfig(_Frozen):
     stop_grace_s: Annotated[float, Field(ge=0)] = 5.0
     """Time between SIGTERM and SIGKILL when stopping a replica."""
 
+    @model_validator(mode="after")
+    def _backoff_order(self) -> SupervisorConfig:
+        if self.restart_backoff_max_s < self.restart_backoff_initial_s:
+            raise ValueError("restart_backoff_max_s must be >= restart_backoff_initial_s")
+        return self
+
 
 class LlamaServerConfig(_Frozen):
     """Where the llama-server binary comes from."""
@@ -145,7 +151,12 @@ class ConfigError(Exception):
 
 def _describe(err: ValidationError) -> list[str]:
     lines = []
-    for e in err.errors():
+    errors = err.errors()
+    locs = [tuple(e["loc"]) for e in errors]
+    for e in errors:
+        loc = tuple(e["loc"])
+        if any(o != loc and o[: len(loc)] == loc for o in locs):
+            continue  # a consequence of a more precise error below it
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         value: Any = e.get("input")
         shown = repr(value)

@@ -67,7 +67,7 @@ class StreamingResponse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        transport.write(self._request)
+        self.transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:
         try:

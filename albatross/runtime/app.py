@@ -109,18 +109,15 @@ class App:
         await self.supervisor.close()
 
     async def _check_health(self) -> None:
+        """Health of external endpoints. Managed replicas are checked by the supervisor,
+        which reports a replica failing its checks as lost and restarts it."""
         interval = self.config.supervisor.health_interval_s
-        while True:
-            await asyncio.sleep(interval)
-            targets = [
-                r
-                for r in self.pool.replicas.values()
-                if r.client is not None
-                and (not r.managed or r.health.state in (ReplicaState.READY, ReplicaState.UNHEALTHY))
-            ]
-            results = await asyncio.gather(*(r.client.health() for r in targets if r.client))
-            for r, ok in zip(targets, results, strict=True):
-                if ok and not r.managed and r.health.state is not ReplicaState.READY:
+        external = [r for r in self.pool.replicas.values() if not r.managed and r.client is not None]
+        while external:
+            results = await asyncio.gather(*(r.client.health() for r in external if r.client))
+            for r, ok in zip(external, results, strict=True):
+                if ok and r.health.state is not ReplicaState.READY:
                     self.pool.apply(r.replica_id, Event.STARTED)
                 else:
                     self.pool.apply(r.replica_id, Event.CHECK_PASSED if ok else Event.CHECK_FAILED)
+            await asyncio.sleep(interval)
