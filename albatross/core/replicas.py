@@ -89,13 +89,17 @@ class Candidate:
 
 def pick(candidates: Iterable[Candidate], last: str | None) -> str | None:
     """Least-loaded READY replica; on ties the first after ``last`` in order. ``None`` if none."""
-    ready = [c for c in candidates if c.state is ReplicaState.READY]
+    candidates_list = list(candidates)
+    ready = [c for c in candidates_list if c.state is ReplicaState.READY]
     if not ready:
         return None
     least = min(c.in_flight for c in ready)
+    order = [c.replica_id for c in candidates_list]
     tied = [c.replica_id for c in ready if c.in_flight == least]
-    if last is not None:
-        after = [r for r in tied if r > last]
-        if after:
-            return after[0]
+    if last is not None and last in order:
+        # Rotate by position in the given order: the first tied replica after `last`.
+        i = order.index(last)
+        for rid in order[i + 1 :] + order[: i + 1]:
+            if rid in tied:
+                return rid
     return tied[0]

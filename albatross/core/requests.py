@@ -92,6 +92,8 @@ class _Completion(_Common):
     @model_validator(mode="after")
     def _one_prompt(self) -> _Completion:
         p = self.prompt
+        if p == "" or p == [""]:
+            raise ValueError("prompt: must not be empty")
         if isinstance(p, list):
             if not p or (isinstance(p[0], list) and not p[0]):
                 raise ValueError("prompt: must not be empty")
@@ -170,6 +172,8 @@ def _translate(exc: ValidationError) -> ClientError:
         if top in _UNSUPPORTED:
             return UnsupportedField(top, _UNSUPPORTED[top])
         return UnsupportedField(field, "is not a supported parameter")
+    if top == "stop" and isinstance(e.get("input"), list) and len(e["input"]) > _MAX_STOPS:
+        return InvalidField("stop", f"{len(e['input'])} sequences", f"must have at most {_MAX_STOPS} sequences")
     if top in _RULES and len(e["loc"]) >= 1:
         return InvalidField(top, e.get("input"), _RULES[top])
     if e["type"] == "missing":
@@ -183,10 +187,12 @@ def _translate(exc: ValidationError) -> ClientError:
     return InvalidField(field, e.get("input"), rule[0].lower() + rule[1:])
 
 
-def _params(req: _Common, max_tokens: int | None, limits: Limits, seed: int) -> SamplingParams:
+def _params(
+    req: _Common, max_tokens: int | None, limits: Limits, seed: int, field: str = "max_tokens"
+) -> SamplingParams:
     mt = limits.max_tokens_default if max_tokens is None else max_tokens
     if mt > limits.max_tokens_limit:
-        raise InvalidField("max_tokens", mt, f"must be <= {limits.max_tokens_limit}")
+        raise InvalidField(field, mt, f"must be <= {limits.max_tokens_limit}")
     stop: tuple[str, ...] = ()
     if isinstance(req.stop, str):
         stop = (req.stop,)
@@ -223,11 +229,15 @@ def parse_chat(body: object, limits: Limits, seed: int) -> GenerationRequest:
         req = _Chat.model_validate(_require_object(body))
     except ValidationError as exc:
         raise _translate(exc) from exc
-    mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    mt: int | None
+    if req.max_completion_tokens is not None:
+        mt, field = req.max_completion_tokens, "max_completion_tokens"
+    else:
+        mt, field = req.max_tokens, "max_tokens"
     return GenerationRequest(
         kind="chat",
         model=req.model,
-        params=_params(req, mt, limits, seed),
+        params=_params(req, mt, limits, seed, field),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         messages=tuple(ChatMessage(m.role, m.text()) for m in req.messages),

@@ -36,12 +36,16 @@ class StopMatcher:
         if not self.stops:
             return text
         buf = self._held + text
-        cut = -1
+        # Generation stops where a stop sequence is first complete: the match that
+        # *ends* first (ties: the longer one). Choosing the earliest start instead
+        # would make the output depend on how the text was split into pieces.
+        best: tuple[int, int] | None = None
         for s in self.stops:
             i = buf.find(s)
-            if i != -1 and (cut == -1 or i < cut):
-                cut = i
-        if cut != -1:
+            if i != -1 and (best is None or (i + len(s), i) < best):
+                best = (i + len(s), i)
+        if best is not None:
+            cut = best[1]
             self.stopped = True
             self._held = ""
             return buf[:cut]

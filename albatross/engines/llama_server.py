@@ -120,11 +120,10 @@ class _SSEGeneration:
             toks = ev.get("tokens")
             if toks:
                 pos = self._start + ev["tokens_predicted"] - len(toks)
-                piece = ev["content"]
-                for t in toks:
-                    sink.on_token(pos, t, piece)
-                    pos += 1
-                    piece = ""
+                last = len(toks) - 1
+                for i, t in enumerate(toks):
+                    # The text an event releases completes with its last token.
+                    sink.on_token(pos + i, t, ev["content"] if i == last else "")
                 got = True
             if ev.get("stop"):
                 if got:

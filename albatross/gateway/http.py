@@ -35,10 +35,13 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
 class Request:
-    __slots__ = ("body", "conn", "headers", "method", "path", "query")
+    __slots__ = ("body", "conn", "headers", "keep_alive", "method", "path", "query")
 
-    def __init__(self, conn: Connection, method: str, url: bytes, headers: dict[str, str], body: bytes) -> None:
+    def __init__(
+        self, conn: Connection, method: str, url: bytes, headers: dict[str, str], body: bytes, keep_alive: bool
+    ) -> None:
         self.conn = conn
+        self.keep_alive = keep_alive
         self.method = method
         parsed = httptools.parse_url(url)
         self.path = (parsed.path or b"/").decode("latin-1")
@@ -120,6 +123,9 @@ class Connection(asyncio.Protocol):
         cl = self._headers.get("content-length")
         if cl is not None and cl.isdigit() and int(cl) > self._max_body:
             self._reject_body()
+        elif self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+            # curl sends this for bodies over 1 KiB and waits ~1 s unless answered.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         if self._too_large:
@@ -134,10 +140,8 @@ class Connection(asyncio.Protocol):
         if self._too_large:
             return
         method = self._parser.get_method().decode("latin-1")
-        req = Request(self, method, self._url, self._headers, b"".join(self._body))
-        if not self._parser.should_keep_alive():
-            self._keep_alive = False
-        self._queue.append(req)
+        keep = bool(self._parser.should_keep_alive())
+        self._queue.append(Request(self, method, self._url, self._headers, b"".join(self._body), keep))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._serve())
 
@@ -146,6 +150,9 @@ class Connection(asyncio.Protocol):
         while self._queue and not self.closed:
             req = self._queue.popleft()
             self._response_started = False
+            # Keep-alive belongs to each request: a later pipelined "Connection:
+            # close" must not cut the answer to an earlier one.
+            self._keep_alive = req.keep_alive
             try:
                 await self._handler(req)
             except AlbatrossError as exc:
