@@ -1,8 +1,9 @@
 """A minimal HTTP/1.1 client for engine APIs, on asyncio protocols and httptools.
 
-Two shapes: :func:`request_json` for control calls (one connection, whole body), and
-:class:`StreamingResponse`, whose body bytes are handed to a callback straight from
-``data_received`` so the token hot path never awaits. Foreign errors (``OSError``,
+Two shapes over one keep-alive :class:`ConnectionPool` per engine: :func:`request_json`
+for control calls (whole body), and :meth:`ConnectionPool.exchange`, whose body bytes
+are handed to callbacks straight from ``data_received`` so the token hot path never
+awaits. Foreign errors (``OSError``,
 parser errors, time-outs) are translated into :class:`EngineError` here.
 """
 
@@ -39,35 +40,47 @@ def build_request(method: str, host: str, port: int, path: str, body: bytes | No
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
 
-class StreamingResponse(asyncio.Protocol):
-    """One request whose response body is streamed to ``on_body``.
+class EngineConnection(asyncio.Protocol):
+    """A keep-alive connection to an engine carrying one exchange at a time.
 
-    ``on_head(status)`` is called once the status line and headers are in; body bytes
-    (de-chunked) go to ``on_body``; ``on_end(error)`` is called exactly once, with
+    For each exchange, ``on_head(status)`` is called once the status line and headers
+    are in; body bytes (de-chunked) go to ``on_body``; ``on_read_done`` (optional) after
+    all the bytes of one socket read were handed over, so a consumer can act once per
+    read however many HTTP chunks it held; ``on_end(error)`` exactly once, with
     ``None`` after a complete response and an :class:`EngineError` when the connection
-    broke first.
+    broke first. A complete response with keep-alive returns the connection to its
+    pool; :meth:`close` mid-response closes it (for a generation: cancels it).
     """
 
-    def __init__(
+    def __init__(self, pool: ConnectionPool | None) -> None:
+        self._pool = pool
+        self._parser = httptools.HttpResponseParser(self)
+        self._ended = True
+        self._on_head: Callable[[int], None] = _ignore
+        self._on_body: Callable[[bytes], None] = _ignore
+        self._on_end: Callable[[EngineError | None], None] = _ignore
+        self._on_read_done: Callable[[], None] | None = None
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def send(
         self,
         request: bytes,
         on_head: Callable[[int], None],
         on_body: Callable[[bytes], None],
         on_end: Callable[[EngineError | None], None],
+        on_read_done: Callable[[], None] | None = None,
     ) -> None:
-        self._request = request
-        self._on_head = on_head
-        self._on_body = on_body
-        self._on_end = on_end
+        assert self.transport is not None and self._ended
+        self._on_head, self._on_body, self._on_end, self._on_read_done = on_head, on_body, on_end, on_read_done
         self._parser = httptools.HttpResponseParser(self)
         self._ended = False
-        self.transport: asyncio.Transport | None = None
+        self.transport.write(request)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -75,8 +88,14 @@ class StreamingResponse(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._end(EngineError(f"engine sent malformed HTTP: {exc}"))
             self.close()
+            return
+        if self._on_read_done is not None and not self._ended:
+            self._on_read_done()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._pool is not None:
+            self._pool.discard(self)
         self._end(EngineError(f"engine connection lost: {exc or 'closed before the response ended'}"))
 
     # httptools callbacks
@@ -88,8 +107,12 @@ class StreamingResponse(asyncio.Protocol):
             self._on_body(body)
 
     def on_message_complete(self) -> None:
+        reusable = self._parser.should_keep_alive() and not self._ended
         self._end(None)
-        self.close()
+        if reusable and self._pool is not None:
+            self._pool.release(self)
+        else:
+            self.close()
 
     def _end(self, error: EngineError | None) -> None:
         if not self._ended:
@@ -108,39 +131,85 @@ class StreamingResponse(asyncio.Protocol):
             self.transport.abort()
 
 
-async def open_stream(
-    host: str,
-    port: int,
-    request: bytes,
-    on_head: Callable[[int], None],
-    on_body: Callable[[bytes], None],
-    on_end: Callable[[EngineError | None], None],
-    connect_timeout_s: float = 5.0,
-) -> StreamingResponse:
-    """Connect and send ``request``; raises :class:`EngineError` if the engine is unreachable."""
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(connect_timeout_s):
-            _, proto = await loop.create_connection(
-                lambda: StreamingResponse(request, on_head, on_body, on_end), host, port
-            )
-    except TimeoutError as exc:
-        raise EngineTimeout(f"engine {host}:{port} did not accept a connection in {connect_timeout_s}s") from exc
-    except OSError as exc:
-        raise EngineError(f"engine {host}:{port} unreachable: {exc.strerror or exc}") from exc
-    return proto
+def _ignore(*_: object) -> None:
+    return None
+
+
+class ConnectionPool:
+    """Keep-alive connections to one engine.
+
+    An idle connection is reused only while younger than ``idle_s``, well inside
+    llama-server's own keep-alive time-out (5 s), so a reused connection is not one the
+    server is closing. At most ``max_idle`` are kept; each one holds a server thread.
+    """
+
+    def __init__(self, host: str, port: int, *, max_idle: int = 64, idle_s: float = 2.0) -> None:
+        self.host, self.port = host, port
+        self._max_idle = max_idle
+        self._idle_s = idle_s
+        self._idle: list[tuple[float, EngineConnection]] = []
+        self.connects = 0
+
+    async def exchange(
+        self,
+        request: bytes,
+        on_head: Callable[[int], None],
+        on_body: Callable[[bytes], None],
+        on_end: Callable[[EngineError | None], None],
+        on_read_done: Callable[[], None] | None = None,
+        connect_timeout_s: float = 5.0,
+    ) -> EngineConnection:
+        """Send ``request`` on an idle or new connection; raises :class:`EngineError`
+        if the engine is unreachable."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        conn: EngineConnection | None = None
+        while self._idle:
+            t, c = self._idle.pop()
+            if now - t < self._idle_s and not c.lost and c.transport is not None and not c.transport.is_closing():
+                conn = c
+                break
+            c.close()
+        if conn is None:
+            try:
+                async with asyncio.timeout(connect_timeout_s):
+                    _, conn = await loop.create_connection(lambda: EngineConnection(self), self.host, self.port)
+            except TimeoutError as exc:
+                raise EngineTimeout(
+                    f"engine {self.host}:{self.port} did not accept a connection in {connect_timeout_s}s"
+                ) from exc
+            except OSError as exc:
+                raise EngineError(f"engine {self.host}:{self.port} unreachable: {exc.strerror or exc}") from exc
+            self.connects += 1
+        conn.send(request, on_head, on_body, on_end, on_read_done)
+        return conn
+
+    def release(self, conn: EngineConnection) -> None:
+        if len(self._idle) < self._max_idle:
+            self._idle.append((asyncio.get_running_loop().time(), conn))
+        else:
+            conn.close()
+
+    def discard(self, conn: EngineConnection) -> None:
+        self._idle = [(t, c) for t, c in self._idle if c is not conn]
+
+    def close(self) -> None:
+        """Close idle connections (exchanges in flight are left alone)."""
+        idle, self._idle = self._idle, []
+        for _, c in idle:
+            c.close()
 
 
 async def request_json(
-    base_url: str, method: str, path: str, body: Any = None, timeout_s: float = 30.0
+    pool: ConnectionPool, method: str, path: str, body: Any = None, timeout_s: float = 30.0
 ) -> tuple[int, Any]:
     """One whole request; returns ``(status, parsed JSON or None)``.
 
     Raises :class:`EngineError` when the engine is unreachable, breaks the connection
     or answers with something that is not JSON; :class:`EngineTimeout` on time-out.
     """
-    host, port = split_base_url(base_url)
     payload = None if body is None else orjson.dumps(body)
+    where = f"{method} http://{pool.host}:{pool.port}{path}"
     status = 0
     chunks: list[bytes] = []
     done: asyncio.Future[EngineError | None] = asyncio.get_running_loop().create_future()
@@ -153,15 +222,16 @@ async def request_json(
         if not done.done():
             done.set_result(err)
 
-    proto: StreamingResponse | None = None
+    conn: EngineConnection | None = None
     try:
         async with asyncio.timeout(timeout_s):
-            proto = await open_stream(host, port, build_request(method, host, port, path, payload), on_head, chunks.append, on_end)
+            req = build_request(method, pool.host, pool.port, path, payload, keep_alive=True)
+            conn = await pool.exchange(req, on_head, chunks.append, on_end)
             err = await done
     except TimeoutError as exc:
-        if proto is not None:
-            proto.abort()
-        raise EngineTimeout(f"{method} {base_url}{path} took longer than {timeout_s}s") from exc
+        if conn is not None:
+            conn.abort()
+        raise EngineTimeout(f"{where} took longer than {timeout_s}s") from exc
     if err is not None:
         raise err
     raw = b"".join(chunks)
@@ -170,4 +240,4 @@ async def request_json(
     try:
         return status, orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise EngineError(f"{method} {base_url}{path} answered {status} with non-JSON: {raw[:120]!r}") from exc
+        raise EngineError(f"{where} answered {status} with non-JSON: {raw[:120]!r}") from exc

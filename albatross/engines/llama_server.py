@@ -24,9 +24,9 @@ from albatross.core.journal import Continuation
 from albatross.core.requests import ChatMessage
 from albatross.engines.base import Capabilities, Finished, Generation, TokenSink
 from albatross.engines.http_client import (
-    StreamingResponse,
+    ConnectionPool,
+    EngineConnection,
     build_request,
-    open_stream,
     request_json,
     split_base_url,
 )
@@ -67,7 +67,7 @@ def completion_body(cont: Continuation) -> dict[str, Any]:
 class _SSEGeneration:
     """Parses llama-server's SSE body into sink calls; the hot path of every token."""
 
-    __slots__ = ("_buf", "_done", "_err_body", "_proto", "_sink", "_start", "_status")
+    __slots__ = ("_buf", "_done", "_err_body", "_got", "_proto", "_sink", "_start", "_status")
 
     def __init__(self, start: int, sink: TokenSink) -> None:
         self._start = start
@@ -76,7 +76,8 @@ class _SSEGeneration:
         self._status = 0
         self._err_body = b""
         self._done = False
-        self._proto: StreamingResponse | None = None
+        self._got = False  # tokens handed to the sink since the last on_batch
+        self._proto: EngineConnection | None = None
 
     # Generation protocol
     def cancel(self) -> None:
@@ -92,7 +93,7 @@ class _SSEGeneration:
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.resume_reading()
 
-    # StreamingResponse callbacks
+    # EngineConnection callbacks
     def on_head(self, status: int) -> None:
         self._status = status
 
@@ -102,7 +103,6 @@ class _SSEGeneration:
             return
         buf = self._buf + data if self._buf else data
         sink = self._sink
-        got = False
         start = 0
         while True:
             end = buf.find(b"\n\n", start)
@@ -124,21 +124,23 @@ class _SSEGeneration:
                 for i, t in enumerate(toks):
                     # The text an event releases completes with its last token.
                     sink.on_token(pos + i, t, ev["content"] if i == last else "")
-                got = True
+                self._got = True
             if ev.get("stop"):
-                if got:
-                    sink.on_batch()
+                self.on_read_done()
                 self._finish(ev)
                 return
             err = ev.get("error")
             if err is not None:
-                if got:
-                    sink.on_batch()
+                self.on_read_done()
                 self._fail(EngineError(f"engine error during generation: {_message(err)}"))
                 return
         self._buf = buf[start:] if start < len(buf) else b""
-        if got:
-            sink.on_batch()
+
+    def on_read_done(self) -> None:
+        """One socket read is consumed: tokens that arrived together leave together."""
+        if self._got:
+            self._got = False
+            self._sink.on_batch()
 
     def on_end(self, error: EngineError | None) -> None:
         if self._done:
@@ -149,11 +151,10 @@ class _SSEGeneration:
             self._fail(error or EngineError("engine ended the stream without a final event"))
 
     def _finish(self, ev: dict[str, Any]) -> None:
+        # The connection stays open: the end of the response returns it to the pool.
         self._done = True
         timings = ev.get("timings") or {}
         self._sink.on_finish(Finished(stop_type=str(ev.get("stop_type", "none")), prompt_n=timings.get("prompt_n")))
-        if self._proto is not None:
-            self._proto.close()
 
     def _fail(self, error: EngineError | ClientError) -> None:
         if self._done:
@@ -192,16 +193,21 @@ class LlamaServerClient:
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
         self.host, self.port = split_base_url(self.base_url)
+        self.pool = ConnectionPool(self.host, self.port)
+
+    def close(self) -> None:
+        """Drop idle connections (the replica went away or was replaced)."""
+        self.pool.close()
 
     async def health(self) -> bool:
         try:
-            status, _ = await request_json(self.base_url, "GET", "/health", timeout_s=2.0)
+            status, _ = await request_json(self.pool, "GET", "/health", timeout_s=2.0)
         except EngineError:
             return False
         return status == 200
 
     async def _call(self, path: str, body: Any) -> Any:
-        status, data = await request_json(self.base_url, "POST", path, body)
+        status, data = await request_json(self.pool, "POST", path, body)
         if status != 200:
             raise _status_error(status, orjson.dumps(data))
         return data
@@ -218,6 +224,7 @@ class LlamaServerClient:
 
     async def generate(self, cont: Continuation, sink: TokenSink) -> Generation:
         gen = _SSEGeneration(cont.start, sink)
-        req = build_request("POST", self.host, self.port, "/completion", orjson.dumps(completion_body(cont)))
-        gen._proto = await open_stream(self.host, self.port, req, gen.on_head, gen.on_body, gen.on_end)
+        body = orjson.dumps(completion_body(cont))
+        req = build_request("POST", self.host, self.port, "/completion", body, keep_alive=True)
+        gen._proto = await self.pool.exchange(req, gen.on_head, gen.on_body, gen.on_end, gen.on_read_done)
         return gen

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from albatross.config import Config, ModelConfig
 from albatross.core.replicas import Event, ReplicaState
+from albatross.engines.llama_server import LlamaServerClient
 from albatross.gateway.errors import error_response
 from albatross.gateway.http import serve
 from albatross.gateway.metrics import Metrics
@@ -50,9 +51,11 @@ def llama_server_argv(binary: Path, model_path: Path, m: ModelConfig) -> Callabl
 
 
 async def _probe(base_url: str) -> bool:
-    from albatross.engines.llama_server import LlamaServerClient
-
-    return await LlamaServerClient(base_url).health()
+    client = LlamaServerClient(base_url)
+    try:
+        return await client.health()
+    finally:
+        client.close()
 
 
 class App:

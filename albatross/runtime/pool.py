@@ -74,6 +74,8 @@ class Pool:
     # ---- supervisor listener -------------------------------------------------
     def replica_ready(self, replica_id: str, base_url: str, pid: int) -> None:
         r = self.replicas[replica_id]
+        if r.client is not None:
+            r.client.close()
         r.client = LlamaServerClient(base_url)
         r.pid = pid
         self.apply(replica_id, Event.STARTED)

@@ -137,12 +137,12 @@ class StreamSession:
         now = time.perf_counter()
         m = self.metrics
         if not self._started:
-            m.ttft.observe(now - self.received_at)  # type: ignore[attr-defined]
+            m.ttft.observe(now - self.received_at)
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
         else:
-            m.itl.observe(now - self._last_write)  # type: ignore[attr-defined]
+            m.itl.observe(now - self._last_write)
         self._last_write = now
         if not self.stream:
             self._started = True

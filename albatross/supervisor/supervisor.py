@@ -179,6 +179,8 @@ class Supervisor:
             r.first_ready = loop.create_future()
             self._tasks.append(asyncio.create_task(self._supervise(r), name=r.spec.replica_id))
         waiting = {r.first_ready: r for r in self._replicas.values() if r.first_ready is not None}
+        if not waiting:
+            return  # nothing to supervise (a gateway in front of external endpoints only)
         try:
             done, pending = await asyncio.wait(
                 waiting,

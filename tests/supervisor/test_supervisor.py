@@ -131,6 +131,16 @@ class Recorder:
 # --- tests ------------------------------------------------------------------------------
 
 
+async def test_no_replicas_starts_and_closes_at_once() -> None:
+    # A gateway in front of external endpoints only supervises nothing.
+    rec = Recorder()
+    sup = Supervisor([], CONFIG, rec, probe)
+    async with asyncio.timeout(1):
+        await sup.start()
+        await sup.close()
+    assert rec.events == []
+
+
 async def test_ready_only_after_health_answers(tmp_path: Path) -> None:
     rec = Recorder()
     sup = Supervisor([spec(tmp_path, "m/0", "--ready-after", "0.6")], CONFIG, rec, probe)
