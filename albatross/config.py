@@ -67,6 +67,35 @@ class SupervisorConfig(_Frozen):
         return self
 
 
+class ContinuityConfig(_Frozen):
+    """How streams survive their replica (see README: Stream continuity)."""
+
+    max_migrations: Annotated[int, Field(ge=0, le=100)] = 5
+    """Moves one request may make; after that a failure ends its stream with an error."""
+    stall_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    """A replica that sends no token for this long is treated as failed."""
+    journal_retention_s: Annotated[float, Field(ge=0)] = 300.0
+    """How long a stream's journal is kept after its client left, for Last-Event-ID resume."""
+    slot_dir: Path = Path(".albatross/slots")
+    """Directory shared by managed replicas (``--slot-save-path``) for KV-cache moves."""
+    move_path: Literal["auto", "kv", "prewarm", "reprefill"] = "auto"
+    """Path of planned moves: auto = KV transfer where both replicas share ``slot_dir``, else pre-warm."""
+
+
+class ControlConfig(_Frozen):
+    """The authenticated control API under ``/admin``."""
+
+    token: str | None = None
+    """Bearer token; unset = ``$ALBATROSS_CONTROL_TOKEN``; neither = control API disabled (403)."""
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < 16:
+            raise ValueError("must be at least 16 characters")
+        return v
+
+
 class LlamaServerConfig(_Frozen):
     """Where the llama-server binary comes from."""
 
@@ -116,6 +145,8 @@ class Config(_Frozen):
     gateway: GatewayConfig = GatewayConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     llama_server: LlamaServerConfig = LlamaServerConfig()
+    continuity: ContinuityConfig = ContinuityConfig()
+    control: ControlConfig = ControlConfig()
     models: Annotated[tuple[ModelConfig, ...], Field(min_length=1)] = (
         ModelConfig(name=DEFAULT_MODEL_NAME),
     )

@@ -13,8 +13,8 @@ at the journal's frontier. The stream's phase changes only through the table bel
 
 ``leg_failed`` (the replica died, reset the connection, reported an error, stalled past
 the stall timeout, or was lost by the supervisor) leads back to ROUTING when the stream
-may still be continued, else to FAILED: after ``max_migrations`` moves, or when the
-request cannot be continued exactly (see :func:`continuable`). A planned move that
+may still be continued, else to FAILED: after more than ``max_migrations`` failures, or
+when the request cannot be continued exactly (``continuable=False``: guided decoding). A planned move that
 fails (``move_failed``) falls back to ROUTING, i.e. to a re-prefill on any replica;
 ``client_gone`` ends any live phase. An event the table does not list for a phase
 raises :class:`IllegalStreamTransition` and leaves the state unchanged.
@@ -92,6 +92,8 @@ class StreamState:
     migrations: int = 0
     """Legs started after the first (planned and unplanned)."""
     legs: int = 0
+    failures: int = 0
+    """Legs that failed (including attempts that never started)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +112,16 @@ def step(state: StreamState, event: StreamEvent, *, max_migrations: int, continu
     if event is StreamEvent.LEG_STARTED:
         migrations = state.migrations + (1 if state.legs > 0 else 0)
         return Verdict(replace(state, phase=nxt, legs=state.legs + 1, migrations=migrations))
-    if nxt is Phase.ROUTING and state.legs > 0:
+    if event is StreamEvent.LEG_FAILED:
+        failed = replace(state, failures=state.failures + 1)
         if not continuable:
-            return Verdict(replace(state, phase=Phase.FAILED), "the request cannot be continued exactly on another replica")
-        if state.migrations >= max_migrations:
+            return Verdict(replace(failed, phase=Phase.FAILED), "the request cannot be continued exactly on another replica")
+        if failed.failures > max_migrations:
             return Verdict(
-                replace(state, phase=Phase.FAILED),
-                f"the stream was moved {state.migrations} times, the limit (max_migrations)",
+                replace(failed, phase=Phase.FAILED),
+                f"the stream failed {failed.failures} times, more than max_migrations ({max_migrations})",
             )
+        return Verdict(replace(failed, phase=nxt))
     if event is StreamEvent.MOVE_REQUESTED and not continuable:
         # A planned move of a request that cannot be continued: finish it in place.
         return Verdict(state)

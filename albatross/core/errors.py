@@ -66,6 +66,23 @@ class MethodNotAllowed(ClientError):
     status = 405
 
 
+class Conflict(ClientError):
+    """The request does not fit the current state of what it addresses."""
+
+    status = 409
+    type = "conflict_error"
+
+
+class Unauthorized(ClientError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(ClientError):
+    status = 403
+    type = "permission_error"
+
+
 class BodyTooLarge(ClientError):
     status = 413
 
@@ -78,6 +95,10 @@ class EngineError(AlbatrossError):
 
     status = 502
     type = "engine_error"
+
+
+class EngineLost(EngineError):
+    """The connection to the engine broke mid-response (the process died or reset it)."""
 
 
 class NoReplicaAvailable(EngineError):

@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 A replica is in the routing pool only while READY. Its state changes only through the
 table below, fed by past-tense events from the supervisor (``Started``, ``Lost``) and
-the health checker (``CheckPassed``, ``CheckFailed``). ``health_failures`` consecutive
+the health checker (``CheckPassed``, ``CheckFailed``) and the control API (``Drain``,
+``Undrain``: a draining replica takes no new requests while its streams are moved
+off; it stays draining until undrained or lost). ``health_failures`` consecutive
 failed checks take a READY replica out of the pool (UNHEALTHY); one passed check
 brings it back. An event the table does not list for a state raises
 :class:`IllegalTransition` and leaves the replica unchanged.
@@ -24,6 +26,7 @@ class ReplicaState(StrEnum):
     STARTING = "starting"
     READY = "ready"
     UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
     DOWN = "down"
 
 
@@ -32,6 +35,8 @@ class Event(StrEnum):
     CHECK_PASSED = "check_passed"
     CHECK_FAILED = "check_failed"
     LOST = "lost"  # the process exited or was stopped
+    DRAIN = "drain"  # planned: take it out of the pool and move its requests off
+    UNDRAIN = "undrain"
 
 
 class IllegalTransition(Exception):
@@ -57,6 +62,20 @@ _TABLE: dict[tuple[ReplicaState, Event], ReplicaState] = {
     (S.DOWN, E.LOST): S.DOWN,
     (S.DOWN, E.CHECK_FAILED): S.DOWN,  # a check that was in flight when it died
     (S.DOWN, E.CHECK_PASSED): S.DOWN,
+    (S.READY, E.DRAIN): S.DRAINING,
+    (S.UNHEALTHY, E.DRAIN): S.DRAINING,
+    (S.STARTING, E.DRAIN): S.DRAINING,
+    (S.DRAINING, E.DRAIN): S.DRAINING,
+    (S.DRAINING, E.UNDRAIN): S.READY,
+    (S.DRAINING, E.CHECK_PASSED): S.DRAINING,
+    (S.DRAINING, E.CHECK_FAILED): S.DRAINING,
+    (S.DRAINING, E.LOST): S.DOWN,
+    (S.DRAINING, E.STARTED): S.DRAINING,
+    (S.DOWN, E.DRAIN): S.DOWN,  # nothing to drain
+    (S.DOWN, E.UNDRAIN): S.DOWN,
+    (S.STARTING, E.UNDRAIN): S.STARTING,
+    (S.READY, E.UNDRAIN): S.READY,
+    (S.UNHEALTHY, E.UNDRAIN): S.UNHEALTHY,
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from albatross.core.errors import EngineError
+from albatross.core.errors import AlbatrossError
 from albatross.core.journal import Continuation
 from albatross.core.requests import ChatMessage
 
@@ -48,7 +48,7 @@ class TokenSink(Protocol):
 
     def on_finish(self, finished: Finished) -> None: ...
 
-    def on_error(self, error: EngineError) -> None: ...
+    def on_error(self, error: AlbatrossError) -> None: ...
 
 
 class Generation(Protocol):
@@ -74,6 +74,15 @@ class EngineClient(Protocol):
 
     async def prompt_ids_for_text(self, text: str) -> tuple[int, ...]: ...
 
-    async def generate(self, cont: Continuation, sink: TokenSink) -> Generation:
-        """Start generating; returns once the request is sent. Raises :class:`EngineError`."""
+    async def generate(self, cont: Continuation, sink: TokenSink, slot: int | None = None) -> Generation:
+        """Start generating (pinned to ``slot`` if given); returns once the request is
+        sent. Raises :class:`EngineError`."""
         ...
+
+    async def total_slots(self) -> int: ...
+
+    async def save_slot(self, slot: int, filename: str) -> int: ...
+
+    async def restore_slot(self, slot: int, filename: str) -> int: ...
+
+    async def prefill(self, prompt_ids: tuple[int, ...], slot: int) -> int: ...

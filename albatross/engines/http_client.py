@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 
-from albatross.core.errors import EngineError, EngineTimeout
+from albatross.core.errors import EngineError, EngineLost, EngineTimeout
 
 
 def split_base_url(base_url: str) -> tuple[str, int]:
@@ -96,7 +96,7 @@ class EngineConnection(asyncio.Protocol):
         self.lost = True
         if self._pool is not None:
             self._pool.discard(self)
-        self._end(EngineError(f"engine connection lost: {exc or 'closed before the response ended'}"))
+        self._end(EngineLost(f"engine connection lost: {exc or 'closed before the response ended'}"))
 
     # httptools callbacks
     def on_headers_complete(self) -> None:

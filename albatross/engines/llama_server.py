@@ -46,8 +46,12 @@ _SAMPLING_FIELDS = (
 )
 
 
-def completion_body(cont: Continuation) -> dict[str, Any]:
-    """The ``/completion`` request that continues ``cont`` (pure; tested directly)."""
+def completion_body(cont: Continuation, slot: int | None = None) -> dict[str, Any]:
+    """The ``/completion`` request that continues ``cont`` (pure; tested directly).
+
+    ``slot`` pins the sequence to one of the server's slots, so its KV cache can be
+    saved from that slot for a move (llama-server reports ``id_slot: -1`` in events).
+    """
     body: dict[str, Any] = {
         "prompt": list(cont.prompt_ids),
         "n_predict": cont.max_tokens,
@@ -56,6 +60,8 @@ def completion_body(cont: Continuation) -> dict[str, Any]:
         "return_tokens": True,
         "cache_prompt": True,
     }
+    if slot is not None:
+        body["id_slot"] = slot
     p = cont.params
     for attr, key in _SAMPLING_FIELDS:
         v = getattr(p, attr)
@@ -157,16 +163,14 @@ class _SSEGeneration:
         self._sink.on_finish(Finished(stop_type=str(ev.get("stop_type", "none")), prompt_n=timings.get("prompt_n")))
 
     def _fail(self, error: EngineError | ClientError) -> None:
+        # An engine 4xx (e.g. prompt longer than the context) arrives as ClientError:
+        # the request's fault, not the replica's.
         if self._done:
             return
         self._done = True
         if self._proto is not None:
             self._proto.close()
-        if isinstance(error, ClientError):
-            # An engine 4xx (e.g. prompt longer than the context) is the request's fault.
-            self._sink.on_error(error)  # type: ignore[arg-type]
-        else:
-            self._sink.on_error(error)
+        self._sink.on_error(error)
 
 
 def _message(err: Any) -> str:
@@ -222,9 +226,40 @@ class LlamaServerClient:
         data = await self._call("/tokenize", {"content": text, "add_special": True, "parse_special": True})
         return tuple(data["tokens"])
 
-    async def generate(self, cont: Continuation, sink: TokenSink) -> Generation:
+    async def total_slots(self) -> int:
+        """Sequences the server runs at once (``-np``)."""
+        status, data = await request_json(self.pool, "GET", "/props", timeout_s=5.0)
+        if status != 200 or not isinstance(data, dict) or "total_slots" not in data:
+            raise EngineError(f"{self.base_url}/props did not report total_slots")
+        return int(data["total_slots"])
+
+    async def save_slot(self, slot: int, filename: str) -> int:
+        """Write the slot's tokens and KV cache to ``filename`` in the server's
+        ``--slot-save-path``; returns the number of tokens saved. A busy slot is saved
+        once idle (cancel its generation first)."""
+        data = await self._call(f"/slots/{slot}?action=save", {"filename": filename})
+        return int(data.get("n_saved", 0))
+
+    async def restore_slot(self, slot: int, filename: str) -> int:
+        """Load a saved slot file into ``slot``; returns the number of tokens restored."""
+        data = await self._call(f"/slots/{slot}?action=restore", {"filename": filename})
+        return int(data.get("n_restored", 0))
+
+    async def erase_slot(self, slot: int) -> None:
+        await self._call(f"/slots/{slot}?action=erase", {})
+
+    async def prefill(self, prompt_ids: tuple[int, ...], slot: int) -> int:
+        """Evaluate ``prompt_ids`` into ``slot``'s cache (a later request with a prompt
+        extending them then prefills only the rest); returns tokens evaluated."""
+        data = await self._call(
+            "/completion",
+            {"prompt": list(prompt_ids), "n_predict": 0, "id_slot": slot, "cache_prompt": True, "temperature": 0},
+        )
+        return int((data.get("timings") or {}).get("prompt_n", 0))
+
+    async def generate(self, cont: Continuation, sink: TokenSink, slot: int | None = None) -> Generation:
         gen = _SSEGeneration(cont.start, sink)
-        body = orjson.dumps(completion_body(cont))
+        body = orjson.dumps(completion_body(cont, slot))
         req = build_request("POST", self.host, self.port, "/completion", body, keep_alive=True)
         gen._proto = await self.pool.exchange(req, gen.on_head, gen.on_body, gen.on_end, gen.on_read_done)
         return gen

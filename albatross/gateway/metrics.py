@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_STALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
@@ -97,7 +98,32 @@ class Metrics:
         self.replica_restarts = Counter(
             "albatross_replica_losses", "Times a replica process was lost (exited or killed).", ["model", "replica"], registry=r
         )
+        self.migrations = Counter(
+            "albatross_migrations",
+            "Streams moved to another replica, by reason (crashed, engine_error, stalled, "
+            "replica_lost, drained, moved) and path (kv, prewarm, reprefill).",
+            ["reason", "path"],
+            registry=r,
+        )
+        self.continuation_failures = Counter(
+            "albatross_continuation_failures",
+            "Streams that could not be continued and ended with an error event, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._stall = _LoopCollector(
+            "albatross_migration_stall_seconds",
+            "Client-visible gap at a move: last token before it to first token after it, by path.",
+            "path",
+        )
+        r.register(self._stall)
         self._models: dict[str, ModelMetrics] = {}
+
+    def stall(self, path: str) -> LoopHistogram:
+        h = self._stall.children.get(path)
+        if h is None:
+            h = self._stall.children[path] = LoopHistogram(_STALL_BUCKETS)
+        return h
 
     def model(self, name: str) -> ModelMetrics:
         m = self._models.get(name)

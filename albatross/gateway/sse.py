@@ -43,20 +43,28 @@ class Encoder:
         if self._kind != "chat":
             return b""
         return (
-            b"data: " + self._base
+            b"data: "
+            + self._base
             + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
         )
 
-    def text(self, position: int, text: str) -> bytes:
-        """One event with ``text``; ``id`` is the journal position of its last token."""
+    def text(self, position: int | None, text: str) -> bytes:
+        """One event with ``text``; ``id`` is the journal position of its last token
+        (none for text released by the end of the stream, which the final event's id
+        covers)."""
+        if position is None:
+            return b"%b%b%b" % (self._pre, orjson.dumps(text), self._suf)
         return b"id: %d\n%b%b%b" % (position, self._pre, orjson.dumps(text), self._suf)
 
     def finish(self, position: int, reason: str) -> bytes:
+        """The final event; its id is the stream's length, past every token position."""
         if self._kind == "chat":
-            choice = b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"%b"}' % reason.encode()
+            choice = (
+                b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"%b"}' % reason.encode()
+            )
         else:
             choice = b'{"index":0,"text":"","logprobs":null,"finish_reason":"%b"}' % reason.encode()
-        return b"id: %d\ndata: %b\"choices\":[%b]}\n\n" % (position, self._base, choice)
+        return b'id: %d\ndata: %b"choices":[%b]}\n\n' % (position, self._base, choice)
 
     def usage_event(self, usage: dict[str, int]) -> bytes:
         return b"data: " + self._base + b'"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n"
@@ -80,5 +88,7 @@ class Encoder:
                 }
             ]
         else:
-            body["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]
+            body["choices"] = [
+                {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            ]
         return orjson.dumps(body)

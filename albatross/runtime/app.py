@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from albatross.config import Config, ModelConfig
+from albatross.core.errors import AlbatrossError
 from albatross.core.replicas import Event, ReplicaState
 from albatross.engines.llama_server import LlamaServerClient
 from albatross.gateway.errors import error_response
@@ -19,6 +20,7 @@ from albatross.gateway.http import serve
 from albatross.gateway.metrics import Metrics
 from albatross.runtime.handlers import Api
 from albatross.runtime.pool import Pool
+from albatross.runtime.registry import Registry
 from albatross.supervisor.supervisor import ReplicaSpec, Supervisor
 
 log = logging.getLogger("albatross")
@@ -32,7 +34,9 @@ class EngineFiles:
     model_paths: dict[str, Path]
 
 
-def llama_server_argv(binary: Path, model_path: Path, m: ModelConfig) -> Callable[[int], list[str]]:
+def llama_server_argv(
+    binary: Path, model_path: Path, m: ModelConfig, slot_dir: Path
+) -> Callable[[int], list[str]]:
     def argv(port: int) -> list[str]:
         return [
             str(binary),
@@ -44,6 +48,9 @@ def llama_server_argv(binary: Path, model_path: Path, m: ModelConfig) -> Callabl
             "-c", str(m.ctx_size * m.parallel),
             "-t", str(m.threads),
             "--no-webui",
+            # One directory for every managed replica: a slot saved by one can be
+            # restored by another (KV-cache moves).
+            "--slot-save-path", str(slot_dir.resolve()),
             *m.extra_args,
         ]  # fmt: skip
 
@@ -63,26 +70,31 @@ class App:
         self.config = config
         self.metrics = Metrics()
         self.pool = Pool(self.metrics, config.supervisor.health_failures)
+        self.registry = Registry(config.continuity)
+        self.pool.lost_listeners.append(self.registry.replica_lost)
         specs: list[ReplicaSpec] = []
         log_dir = config.supervisor.log_dir
+        slot_dir = config.continuity.slot_dir
         for m in config.models:
             for i in range(m.replicas):
                 rid = f"{m.name}/{i}"
-                self.pool.add(rid, m.name, managed=True)
+                self.pool.add(rid, m.name, managed=True, slots=m.parallel)
                 assert files.llama_server is not None
                 specs.append(
                     ReplicaSpec(
                         replica_id=rid,
-                        argv=llama_server_argv(files.llama_server, files.model_paths[m.name], m),
+                        argv=llama_server_argv(
+                            files.llama_server, files.model_paths[m.name], m, slot_dir
+                        ),
                         log_path=log_dir / f"{m.name.replace('/', '_')}-{i}.log",
                     )
                 )
             for j, url in enumerate(m.endpoints):
                 self.pool.add(f"{m.name}/ext{j}", m.name, managed=False, base_url=url)
         self.supervisor = Supervisor(specs, config.supervisor, self.pool, _probe)
-        self.api = Api(config, self.pool, self.metrics)
+        self.api = Api(config, self.pool, self.metrics, self.registry)
         self._server: asyncio.Server | None = None
-        self._health_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def port(self) -> int:
@@ -91,8 +103,13 @@ class App:
 
     async def start(self) -> None:
         """Start replicas (ready when this returns), health checks and the HTTP server."""
+        slot_dir = self.config.continuity.slot_dir
+        slot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in slot_dir.glob("*.bin"):
+            stale.unlink(missing_ok=True)  # KV files of moves cut short by a crash
         await self.supervisor.start()
-        self._health_task = asyncio.create_task(self._check_health(), name="health-checks")
+        self._tasks.append(asyncio.create_task(self._check_health(), name="health-checks"))
+        self._tasks.append(asyncio.create_task(self.registry.watch(), name="stream-watchdog"))
         g = self.config.gateway
         self._server = await serve(self.api, error_response, g.host, g.port, g.max_body_bytes)
 
@@ -105,21 +122,28 @@ class App:
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.05)
-        if self._health_task is not None:
-            self._health_task.cancel()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+                await t
+        await self.registry.close()
         await self.supervisor.close()
 
     async def _check_health(self) -> None:
         """Health of external endpoints. Managed replicas are checked by the supervisor,
         which reports a replica failing its checks as lost and restarts it."""
         interval = self.config.supervisor.health_interval_s
-        external = [r for r in self.pool.replicas.values() if not r.managed and r.client is not None]
+        external = [
+            r for r in self.pool.replicas.values() if not r.managed and r.client is not None
+        ]
         while external:
             results = await asyncio.gather(*(r.client.health() for r in external if r.client))
             for r, ok in zip(external, results, strict=True):
-                if ok and r.health.state is not ReplicaState.READY:
+                if ok and r.health.state in (ReplicaState.STARTING, ReplicaState.DOWN):
+                    with contextlib.suppress(AlbatrossError):
+                        if r.client is not None and r.slots == 0:
+                            r.reset_slots(await r.client.total_slots())
                     self.pool.apply(r.replica_id, Event.STARTED)
                 else:
                     self.pool.apply(r.replica_id, Event.CHECK_PASSED if ok else Event.CHECK_FAILED)

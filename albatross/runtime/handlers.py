@@ -20,6 +20,8 @@ from albatross.config import Config
 from albatross.core.errors import (
     AlbatrossError,
     ClientError,
+    EngineError,
+    InvalidField,
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
@@ -30,17 +32,24 @@ from albatross.core.requests import GenerationRequest, Limits, parse_chat, parse
 from albatross.gateway.http import Request
 from albatross.gateway.metrics import Metrics
 from albatross.gateway.sse import Encoder
-from albatross.runtime.pool import Pool
-from albatross.runtime.stream import StreamSession
+from albatross.runtime.control import Control
+from albatross.runtime.pool import Pool, Replica
+from albatross.runtime.registry import Registry
+from albatross.runtime.stream import Services, StreamSession
 
 _Route = Callable[[Request], Awaitable[None]]
 
 
 class Api:
-    def __init__(self, config: Config, pool: Pool, metrics: Metrics) -> None:
+    def __init__(self, config: Config, pool: Pool, metrics: Metrics, registry: Registry) -> None:
         self.config = config
         self.pool = pool
         self.metrics = metrics
+        self.registry = registry
+        self.services = Services(
+            pool, metrics, config.continuity, config.gateway.first_token_timeout_s, registry
+        )
+        self.control = Control(config, pool, registry)
         g = config.gateway
         self._limits = Limits(g.max_tokens_default, g.max_tokens_limit)
         self._routes: dict[str, dict[str, _Route]] = {
@@ -49,26 +58,35 @@ class Api:
             "/v1/models": {"GET": self._models},
             "/health": {"GET": self._health},
             "/metrics": {"GET": self._metrics},
+            "/v1/streams/{id}": {"GET": self._resume},
         }
         self._created = int(time.time())
 
     async def __call__(self, req: Request) -> None:
-        methods = self._routes.get(req.path.rstrip("/") or "/")
+        if req.path.startswith("/admin/"):
+            await self.control(req)
+            return
+        route = req.path.rstrip("/") or "/"
+        if route.startswith("/v1/streams/") and route.count("/") == 3:
+            route = "/v1/streams/{id}"
+        methods = self._routes.get(route)
         if methods is None:
-            self._count(req.path, 404)
+            self._count(route, 404)
             raise NotFound(f"no route for {req.path}")
         handler = methods.get(req.method)
         if handler is None:
-            self._count(req.path, 405)
-            raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}; use {', '.join(methods)}")
+            self._count(route, 405)
+            raise MethodNotAllowed(
+                f"{req.method} is not allowed on {req.path}; use {', '.join(methods)}"
+            )
         try:
             await handler(req)
         except AlbatrossError as exc:
-            self._count(req.path, exc.status)
+            self._count(route, exc.status)
             raise
         else:
-            if req.path.startswith("/v1/"):
-                self._count(req.path, 499 if req.conn.closed else 200)
+            if route.startswith("/v1/"):
+                self._count(route, 499 if req.conn.closed else 200)
 
     def _count(self, endpoint: str, status: int) -> None:
         if endpoint not in self._routes:
@@ -88,35 +106,62 @@ class Api:
         received = time.perf_counter()
         if self.config.model(greq.model) is None:
             raise ModelNotFound(greq.model, [m.name for m in self.config.models])
-        g = self.config.gateway
-        replica = await self.pool.acquire(greq.model, g.first_token_timeout_s)
+        replica, prompt_ids = await self._prompt_ids(greq)
         mm = self.metrics.model(greq.model)
         mm.in_flight.inc()  # type: ignore[attr-defined]
         try:
-            client = replica.client
-            assert client is not None
-            if greq.kind == "chat":
-                prompt_ids = await client.prompt_ids_for_chat(greq.messages)
-            elif greq.prompt_ids is not None:
-                prompt_ids = greq.prompt_ids
-            else:
-                prompt_ids = await client.prompt_ids_for_text(greq.prompt_text or "")
             rid = prefix + os.urandom(12).hex()
-            journal = StreamJournal(rid, prompt_ids, greq.params)
             session = StreamSession(
+                self.services,
                 req.conn,
-                journal,
+                StreamJournal(rid, prompt_ids, greq.params),
                 Encoder(greq.kind, rid, greq.model, int(time.time())),
-                mm,
+                greq.model,
                 stream=greq.stream,
                 include_usage=greq.include_usage,
                 received_at=received,
-                first_token_timeout_s=g.first_token_timeout_s,
             )
-            await session.run(client)
+            await session.run(replica)
         finally:
             mm.in_flight.dec()  # type: ignore[attr-defined]
-            self.pool.release(replica)
+
+    async def _prompt_ids(self, greq: GenerationRequest) -> tuple[Replica, tuple[int, ...]]:
+        """A replica for the request and the prompt as token ids, rendered and
+        tokenized on that replica; a replica failing at this stage is passed over."""
+        tried: set[str] = set()
+        timeout = self.config.gateway.first_token_timeout_s
+        while True:
+            replica = await self.pool.acquire(greq.model, timeout, frozenset(tried))
+            client = replica.client
+            try:
+                assert client is not None
+                if greq.kind == "chat":
+                    return replica, await client.prompt_ids_for_chat(greq.messages)
+                if greq.prompt_ids is not None:
+                    return replica, greq.prompt_ids
+                return replica, await client.prompt_ids_for_text(greq.prompt_text or "")
+            except EngineError:
+                self.pool.release(replica)
+                tried.add(replica.replica_id)
+                if len(tried) > self.config.continuity.max_migrations:
+                    raise
+            except BaseException:
+                self.pool.release(replica)
+                raise
+
+    async def _resume(self, req: Request) -> None:
+        """``GET /v1/streams/{id}`` with ``Last-Event-ID``: the rest of a stream whose
+        client lost its connection, continued from the journal if it had not ended."""
+        rid = req.path.rsplit("/", 1)[-1]
+        session = self.registry.get(rid)
+        if session is None:
+            raise NotFound(f"no stream {rid!r} (unknown, not streamed, or past its retention)")
+        raw = req.headers.get("last-event-id", "-1").strip()
+        try:
+            last = int(raw)
+        except ValueError:
+            raise InvalidField("Last-Event-ID", raw, "must be an integer event id") from None
+        await session.resume(req.conn, last)
 
     # ---- the rest ---------------------------------------------------------------
     async def _models(self, req: Request) -> None:
@@ -137,7 +182,9 @@ class Api:
         req.conn.respond(200 if ok else 503, orjson.dumps(body))
 
     async def _metrics(self, req: Request) -> None:
-        req.conn.respond(200, self.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+        req.conn.respond(
+            200, self.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
 
 def _json(req: Request) -> object:
@@ -148,4 +195,3 @@ def _json(req: Request) -> object:
         return orjson.loads(req.body)
     except orjson.JSONDecodeError as exc:
         raise ClientError(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from albatross.core.errors import NoReplicaAvailable
@@ -32,10 +33,27 @@ class Replica:
     replica_id: str
     model: str
     managed: bool
+    slots: int = 0
+    """Sequences the engine runs at once (0 until known)."""
+    shared_slot_dir: bool = False
+    """Saves slots into the directory all managed replicas share (KV moves possible)."""
     client: LlamaServerClient | None = None
     health: Health = field(default_factory=Health)
     in_flight: int = 0
     pid: int | None = None
+    free_slots: list[int] = field(default_factory=list)
+
+    def reset_slots(self, n: int) -> None:
+        self.slots = n
+        self.free_slots = list(range(n))
+
+    def take_slot(self) -> int | None:
+        """A slot no stream of ours holds, to pin a generation to; None if all are held."""
+        return self.free_slots.pop(0) if self.free_slots else None
+
+    def give_slot(self, slot: int | None) -> None:
+        if slot is not None and slot < self.slots and slot not in self.free_slots:
+            self.free_slots.append(slot)
 
 
 class Pool:
@@ -45,9 +63,23 @@ class Pool:
         self.replicas: dict[str, Replica] = {}
         self._last: dict[str, str | None] = {}
         self._changed = asyncio.Event()
+        self.lost_listeners: list[Callable[[str, bool], None]] = []
+        """Called with ``(replica_id, planned)`` when a replica goes down (planned=False:
+        its streams must continue elsewhere) or is drained (planned=True: move them off)."""
 
-    def add(self, replica_id: str, model: str, managed: bool, base_url: str | None = None) -> Replica:
-        r = Replica(replica_id, model, managed, LlamaServerClient(base_url) if base_url else None)
+    def add(
+        self,
+        replica_id: str,
+        model: str,
+        managed: bool,
+        base_url: str | None = None,
+        slots: int = 0,
+    ) -> Replica:
+        r = Replica(
+            replica_id, model, managed, client=LlamaServerClient(base_url) if base_url else None
+        )
+        r.shared_slot_dir = managed
+        r.reset_slots(slots)
         self.replicas[replica_id] = r
         self._publish(r)
         return r
@@ -78,6 +110,7 @@ class Pool:
             r.client.close()
         r.client = LlamaServerClient(base_url)
         r.pid = pid
+        r.reset_slots(r.slots)  # a new process: every slot is free
         self.apply(replica_id, Event.STARTED)
 
     def replica_lost(self, replica_id: str, reason: str) -> None:
@@ -86,15 +119,27 @@ class Pool:
         r.pid = None
         self._metrics.replica_restarts.labels(r.model, replica_id).inc()
         self.apply(replica_id, Event.LOST)
+        for cb in self.lost_listeners:
+            cb(replica_id, False)
 
     # ---- routing -------------------------------------------------------------
-    def try_acquire(self, model: str) -> Replica | None:
-        cands = [
-            Candidate(r.replica_id, r.health.state, r.in_flight)
-            for r in self.replicas.values()
-            if r.model == model and r.client is not None
-        ]
-        rid = pick(cands, self._last.get(model))
+    def try_acquire(self, model: str, exclude: frozenset[str] = frozenset()) -> Replica | None:
+        """The least-loaded ready replica of ``model``, avoiding ``exclude`` unless it
+        is all there is. The caller must :meth:`release` it."""
+        mine = [r for r in self.replicas.values() if r.model == model and r.client is not None]
+        rid = pick(
+            (
+                Candidate(r.replica_id, r.health.state, r.in_flight)
+                for r in mine
+                if r.replica_id not in exclude
+            ),
+            self._last.get(model),
+        )
+        if rid is None and exclude:
+            rid = pick(
+                (Candidate(r.replica_id, r.health.state, r.in_flight) for r in mine),
+                self._last.get(model),
+            )
         if rid is None:
             return None
         self._last[model] = rid
@@ -102,13 +147,15 @@ class Pool:
         r.in_flight += 1
         return r
 
-    async def acquire(self, model: str, timeout_s: float) -> Replica:
+    async def acquire(
+        self, model: str, timeout_s: float, exclude: frozenset[str] = frozenset()
+    ) -> Replica:
         """A ready replica of ``model`` (least loaded), waiting up to ``timeout_s`` for one.
 
         Raises :class:`NoReplicaAvailable` when none becomes ready in time. The caller
         must :meth:`release` it.
         """
-        r = self.try_acquire(model)
+        r = self.try_acquire(model, exclude)
         if r is not None:
             return r
         try:
@@ -116,10 +163,22 @@ class Pool:
                 while r is None:
                     self._changed.clear()
                     await self._changed.wait()
-                    r = self.try_acquire(model)
+                    r = self.try_acquire(model, exclude)
         except TimeoutError as exc:
-            raise NoReplicaAvailable(f"no healthy replica of {model!r} became available within {timeout_s:g}s") from exc
+            raise NoReplicaAvailable(
+                f"no healthy replica of {model!r} became available within {timeout_s:g}s"
+            ) from exc
         return r
 
-    def release(self, r: Replica) -> None:
+    def release(self, r: Replica, slot: int | None = None) -> None:
         r.in_flight -= 1
+        r.give_slot(slot)
+
+    def drain(self, replica_id: str) -> None:
+        """Take a replica out of the pool; listeners move its streams off."""
+        self.apply(replica_id, Event.DRAIN)
+        for cb in self.lost_listeners:
+            cb(replica_id, True)
+
+    def undrain(self, replica_id: str) -> None:
+        self.apply(replica_id, Event.UNDRAIN)

@@ -1,154 +1,375 @@
-"""One request being generated: engine tokens -> journal -> bytes to the client.
+"""One request being generated, in legs across replicas: engine tokens -> journal -> client.
 
-A :class:`StreamSession` is the engine adapter's :class:`TokenSink`. Every byte it
-writes is derived from the journal: tokens are journaled first (duplicates dropped,
-gaps refused), then the text they released passes the stop matcher and goes to the
-client in one write per batch. Nothing on this path awaits.
+A :class:`StreamSession` runs its request as a sequence of *legs*, each a generation on
+one replica starting at the journal's frontier (``core/continuity.py`` decides whether
+another leg may follow). Every byte it writes is derived from the journal: tokens are
+journaled first (duplicates dropped, gaps refused), then the text they released passes
+the stop matcher and goes to the client in one write per batch. A leg's tokens are
+accepted only while it is the current leg, so a cancelled replica's late output is
+ignored. Nothing on the token path awaits.
+
+SSE event ids are the position of the last token whose text the event completes
+(``frontier - 1``), so they only grow, also across moves, and a client that reconnects
+with ``Last-Event-ID: N`` is owed exactly the text released after position N.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
-from albatross.core.errors import AlbatrossError, EngineError, EngineTimeout
+from albatross.config import ContinuityConfig
+from albatross.core.continuity import FailureReason, MovePath, Phase, StreamEvent, StreamState, step
+from albatross.core.errors import (
+    AlbatrossError,
+    ClientError,
+    Conflict,
+    EngineError,
+    EngineLost,
+    EngineTimeout,
+    InvalidField,
+    NoReplicaAvailable,
+)
 from albatross.core.journal import FinishReason, JournalClosed, JournalGap, StreamJournal
 from albatross.core.stops import StopMatcher
-from albatross.engines.base import EngineClient, Finished, Generation
+from albatross.engines.base import Finished, Generation
 from albatross.gateway.errors import error_event
 from albatross.gateway.http import Connection
-from albatross.gateway.metrics import ModelMetrics
+from albatross.gateway.metrics import Metrics, ModelMetrics
 from albatross.gateway.sse import DONE, Encoder
+from albatross.runtime.pool import Pool, Replica
+
+if TYPE_CHECKING:
+    from albatross.runtime.registry import Registry
+
+log = logging.getLogger("albatross.stream")
 
 
-class StreamSession:
-    """Drives one generation for one client; see the module docstring."""
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What every session shares."""
+
+    pool: Pool
+    metrics: Metrics
+    continuity: ContinuityConfig
+    first_token_timeout_s: float
+    registry: Registry
+
+
+@dataclass(slots=True)
+class PlannedMove:
+    target: Replica
+    slot: int | None
+    path: MovePath
+    reason: FailureReason
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """Why a leg ended."""
+
+    kind: Literal["finished", "failed", "moved", "client_gone"]
+    reason: FailureReason | None = None
+    error: AlbatrossError | None = None
+    move: PlannedMove | None = None
+
+
+@dataclass(slots=True)
+class LegInfo:
+    """What the control API shows about a leg."""
+
+    replica: str
+    start: int
+    path: str
+    slot: int | None
+    prompt_n: int | None = None
+
+
+class Leg:
+    """One generation of the session on one replica; the adapter's TokenSink."""
+
+    __slots__ = (
+        "activity",
+        "engine_done",
+        "gen",
+        "got_token",
+        "info",
+        "replica",
+        "session",
+        "slot",
+        "started",
+    )
 
     def __init__(
-        self,
-        conn: Connection,
-        journal: StreamJournal,
-        encoder: Encoder,
-        metrics: ModelMetrics,
-        *,
-        stream: bool,
-        include_usage: bool,
-        received_at: float,
-        first_token_timeout_s: float,
+        self, session: StreamSession, replica: Replica, slot: int | None, info: LegInfo
     ) -> None:
-        self.conn = conn
-        self.journal = journal
-        self.encoder = encoder
-        self.metrics = metrics
-        self.stream = stream
-        self.include_usage = include_usage
-        self.received_at = received_at
-        self._first_token_timeout_s = first_token_timeout_s
-        self._stops = StopMatcher(journal.params.stop)
-        self._new: list[str] = []
-        self._out: list[str] = []  # whole text, for non-streaming responses
-        self._started = False  # response head sent
-        self._last_write = 0.0
-        self._gen: Generation | None = None
-        self._done: asyncio.Future[AlbatrossError | None] = asyncio.get_running_loop().create_future()
-        self._timer: asyncio.TimerHandle | None = None
-        self.client_gone = False
+        self.session = session
+        self.replica = replica
+        self.slot = slot
+        self.info = info
+        self.gen: Generation | None = None
+        self.started = self.activity = time.perf_counter()
+        self.got_token = False
+        self.engine_done = False
+
+    def on_token(self, position: int, token_id: int, piece: str) -> None:
+        if self.session.leg is self:
+            self.got_token = True
+            self.session._on_token(position, token_id, piece)
+
+    def on_batch(self) -> None:
+        if self.session.leg is self:
+            self.activity = time.perf_counter()
+            self.session._on_batch()
+
+    def on_finish(self, finished: Finished) -> None:
+        self.info.prompt_n = finished.prompt_n
+        self.engine_done = True
+        if self.session.leg is self:
+            self.session._on_finish(finished)
+
+    def on_error(self, error: AlbatrossError) -> None:
+        self.engine_done = True
+        if self.session.leg is self:
+            reason = (
+                FailureReason.CRASHED
+                if isinstance(error, EngineLost)
+                else FailureReason.ENGINE_ERROR
+            )
+            self.session.cut(Cut("failed", reason, error))
+
+
+@dataclass(eq=False)
+class StreamSession:
+    """Drives one request for one client; see the module docstring."""
+
+    services: Services
+    conn: Connection
+    journal: StreamJournal
+    encoder: Encoder
+    model: str
+    stream: bool
+    include_usage: bool
+    received_at: float
+    continuable: bool = True
+    state: StreamState = field(default_factory=StreamState)
+    legs: list[LegInfo] = field(default_factory=list)
+    leg: Leg | None = None
+    error: AlbatrossError | None = None
+    client_gone: bool = False
+    ended_at: float | None = None
+    _stops: StopMatcher = field(init=False)
+    _new: list[str] = field(default_factory=list)
+    _out: list[str] = field(default_factory=list)
+    _started: bool = False  # response bytes have been sent
+    _emitted: bool = False  # text has been produced (for a whole response: not yet sent)
+    _last_write: float = 0.0
+    _cut: asyncio.Future[Cut] | None = None
+    _gap_since: float | None = None
+    _gap_path: str = ""
+    _move_task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self._stops = StopMatcher(self.journal.params.stop)
+        self.mm: ModelMetrics = self.services.metrics.model(self.model)
+
+    @property
+    def request_id(self) -> str:
+        return self.journal.request_id
 
     # ---- lifecycle -------------------------------------------------------------
-    async def run(self, engine: EngineClient) -> None:
-        """Generate to the end. Raises an :class:`AlbatrossError` if it failed before
-        anything was sent (the handler then answers with its status)."""
+    async def run(self, replica: Replica) -> None:
+        """Generate to the end, across replicas. The caller has acquired ``replica``;
+        it is released here. Raises an :class:`AlbatrossError` if the request failed
+        before anything was sent (the handler answers with its status)."""
+        self.services.registry.add(self)
         self.conn.on_disconnect(self._client_gone)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._first_token_timeout_s, self._first_token_late)
         try:
-            self._gen = await engine.generate(self.journal.continuation(), self)
-            if self._done.done():
-                self._gen.cancel()
-            else:
-                self.conn.on_backpressure(self._gen.pause, self._gen.resume)
-            err = await self._done
+            await self._drive(replica, replica.take_slot(), None, FailureReason.MOVED)
         finally:
-            self.metrics.tokens.inc(len(self.journal))  # type: ignore[attr-defined]
-            if self._timer is not None:
-                self._timer.cancel()
-            if self._gen is not None and not self._done.done():
-                self._gen.cancel()
-        if err is not None and not self._started:
-            raise err
+            self.mm.tokens.inc(len(self.journal))  # type: ignore[attr-defined]
+            self.services.registry.retire(self)
+        if self.error is not None and not self._started:
+            raise self.error
+
+    async def _drive(
+        self, replica: Replica, slot: int | None, path: MovePath | None, reason: FailureReason
+    ) -> None:
+        pool, cfg = self.services.pool, self.services.continuity
+        tried: set[str] = set()
+        while True:
+            cut = await self._run_leg(replica, slot, path, reason)
+            if cut.kind in ("finished", "client_gone"):
+                pool.release(replica, slot)
+                return
+            if cut.kind == "moved":
+                assert cut.move is not None
+                mv = cut.move
+                if mv.path is MovePath.KV:
+                    from albatross.runtime.moves import transfer_kv
+
+                    if not await transfer_kv(self, replica, slot, mv):
+                        mv.path = MovePath.REPREFILL
+                pool.release(replica, slot)
+                replica, slot, path, reason = mv.target, mv.slot, mv.path, mv.reason
+                continue
+            # An unplanned failure: continue from the journal on another replica.
+            pool.release(replica, slot)
+            bad_request = isinstance(cut.error, ClientError)
+            verdict = step(
+                self.state,
+                StreamEvent.LEG_FAILED,
+                max_migrations=cfg.max_migrations,
+                continuable=self.continuable and not bad_request,
+            )
+            self.state = verdict.state
+            assert cut.reason is not None
+            if bad_request or verdict.give_up is not None:
+                err = (
+                    cut.error
+                    if bad_request
+                    else EngineError(
+                        f"{verdict.give_up}; last failure: {cut.error.message if cut.error else cut.reason}"
+                    )
+                )
+                assert err is not None
+                self.services.metrics.continuation_failures.labels(cut.reason.value).inc()
+                self._fail(err)
+                return
+            log.info(
+                "%s: replica %s failed at position %d (%s); continuing elsewhere",
+                self.request_id,
+                replica.replica_id,
+                len(self.journal),
+                cut.reason.value,
+            )
+            self.journal.rewind_to_frontier()
+            tried.add(replica.replica_id)
+            try:
+                replica = await pool.acquire(
+                    self.model, self.services.first_token_timeout_s, frozenset(tried)
+                )
+            except NoReplicaAvailable as exc:
+                self.services.metrics.continuation_failures.labels(cut.reason.value).inc()
+                self._fail(exc)
+                return
+            if self.client_gone:
+                pool.release(replica)
+                return
+            slot, path, reason = replica.take_slot(), MovePath.REPREFILL, cut.reason
+
+    async def _run_leg(
+        self, replica: Replica, slot: int | None, path: MovePath | None, reason: FailureReason
+    ) -> Cut:
+        loop = asyncio.get_running_loop()
+        self._cut = loop.create_future()
+        info = LegInfo(replica.replica_id, len(self.journal), path.value if path else "first", slot)
+        leg = Leg(self, replica, slot, info)
+        self.leg = leg
+        self.legs.append(info)
+        if path is not None:
+            self.services.metrics.migrations.labels(reason.value, path.value).inc()
+            self._gap_path = path.value
+        client = replica.client
+        try:
+            if client is None:
+                raise EngineError(f"replica {replica.replica_id} has no engine")
+            leg.gen = await client.generate(self.journal.continuation(), leg, slot)
+        except EngineError as exc:
+            if not self._cut.done():
+                self._cut.set_result(Cut("failed", FailureReason.CRASHED, exc))
+        else:
+            self.state = step(
+                self.state,
+                StreamEvent.LEG_STARTED,
+                max_migrations=self.services.continuity.max_migrations,
+            ).state
+            if self._cut.done():
+                leg.gen.cancel()
+        cut = await self._cut
+        self.leg = None
+        if leg.gen is not None and not leg.engine_done:
+            leg.gen.cancel()  # also after a stop sequence: the engine is still generating
+        if cut.kind in ("failed", "moved") and self._gap_since is None:
+            self._gap_since = self._last_write or time.perf_counter()
+        return cut
+
+    def cut(self, cut: Cut) -> None:
+        """End the current leg (from a callback, the watchdog or a planned move)."""
+        if self._cut is not None and not self._cut.done():
+            self._flush()
+            self._cut.set_result(cut)
 
     def _client_gone(self) -> None:
         # The client went away: stop the engine's work at once (closing the engine
-        # connection cancels the generation on llama-server).
+        # connection cancels the generation on llama-server). The journal is kept for
+        # a while so the client can resume with Last-Event-ID.
         self.client_gone = True
-        if self._gen is not None:
-            self._gen.cancel()
-        if not self._done.done():
-            self._done.set_result(None)
+        if self.leg is not None and self.leg.gen is not None:
+            self.leg.gen.cancel()
+        self.cut(Cut("client_gone"))
 
-    def _first_token_late(self) -> None:
-        if len(self.journal) == 0:
-            self.on_error(EngineTimeout(f"no token within {self._first_token_timeout_s:g}s"))
-
-    # ---- TokenSink ---------------------------------------------------------------
-    def on_token(self, position: int, token_id: int, piece: str) -> None:
+    # ---- tokens ----------------------------------------------------------------------
+    def _on_token(self, position: int, token_id: int, piece: str) -> None:
         try:
             if self.journal.append(position, token_id, piece) and piece:
                 self._new.append(piece)
         except (JournalGap, JournalClosed) as exc:
-            # A lost token: the output can no longer be trusted to be exact.
-            self.on_error(EngineError(f"engine output cannot be journaled: {exc}"))
+            # A lost token: this replica's output can no longer be trusted to be exact.
+            self.cut(
+                Cut(
+                    "failed",
+                    FailureReason.ENGINE_ERROR,
+                    EngineError(f"engine output cannot be journaled: {exc}"),
+                )
+            )
 
-    def on_batch(self) -> None:
-        if self._done.done() or not self._new:
+    def _on_batch(self) -> None:
+        self._flush()
+        if self._stops.stopped and self._cut is not None and not self._cut.done():
+            self._complete(FinishReason.STOP)
+
+    def _flush(self) -> None:
+        if not self._new:
             return
         text = "".join(self._new) if len(self._new) > 1 else self._new[0]
         self._new.clear()
         out = self._stops.feed(text)
         if out:
             self._emit(out)
-        if self._stops.stopped:
-            if self._gen is not None:
-                self._gen.cancel()
-            self._complete(FinishReason.STOP)
 
-    def on_finish(self, finished: Finished) -> None:
-        if self._done.done():
-            return
-        self.on_batch()
-        if self._done.done():
+    def _on_finish(self, finished: Finished) -> None:
+        self._flush()
+        if self._stops.stopped:
+            self._complete(FinishReason.STOP)
             return
         tail = self._stops.flush()
         if tail:
-            self._emit(tail)
+            self._emit(tail, final=True)
         self._complete(FinishReason.LENGTH if finished.stop_type == "limit" else FinishReason.STOP)
 
-    def on_error(self, error: AlbatrossError) -> None:
-        if self._done.done():
-            return
-        if self._gen is not None:
-            self._gen.cancel()
-        if self._started and self.stream:
-            self.conn.end_stream(error_event(error) + DONE)
-        self._done.set_result(error)
-
     # ---- writing -------------------------------------------------------------------
-    def _emit(self, text: str) -> None:
+    def _emit(self, text: str, final: bool = False) -> None:
         now = time.perf_counter()
-        m = self.metrics
-        if not self._started:
-            m.ttft.observe(now - self.received_at)
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+        mm = self.mm
+        if not self._emitted:
+            self._emitted = True
+            mm.ttft.observe(now - self.received_at)
         else:
-            m.itl.observe(now - self._last_write)
+            mm.itl.observe(now - self._last_write)
+        if self._gap_since is not None:
+            self.services.metrics.stall(self._gap_path).observe(now - self._gap_since)
+            self._gap_since = None
         self._last_write = now
         if not self.stream:
-            self._started = True
             self._out.append(text)
             return
-        data = self.encoder.text(len(self.journal) - 1, text)
+        # Text held back by the stop matcher until the end carries no id: the final
+        # event's id (the stream's length) covers it.
+        data = self.encoder.text(None if final else self.journal.frontier - 1, text)
         if self._started:
             self.conn.send_chunk(data)
         else:
@@ -162,8 +383,9 @@ class StreamSession:
     def _complete(self, reason: FinishReason) -> None:
         j = self.journal
         j.finish(reason)
+        self.state = StreamState(Phase.DONE, self.state.migrations, self.state.legs)
         if self.stream:
-            tail = self.encoder.finish(max(len(j) - 1, 0), reason.value)
+            tail = self.encoder.finish(len(j), reason.value)
             if self.include_usage:
                 tail += self.encoder.usage_event(self._usage())
             tail += DONE
@@ -175,6 +397,93 @@ class StreamSession:
                 self.conn.end_stream()
         else:
             self._started = True
-            self.conn.respond(200, self.encoder.whole("".join(self._out), reason.value, self._usage()))
-        if not self._done.done():
-            self._done.set_result(None)
+            self.conn.respond(
+                200, self.encoder.whole("".join(self._out), reason.value, self._usage())
+            )
+        self.cut(Cut("finished"))
+
+    def _fail(self, error: AlbatrossError) -> None:
+        """End the stream with ``error``: an error event if the stream has started,
+        else the handler answers with the error's status."""
+        self.error = error
+        self.state = StreamState(Phase.FAILED, self.state.migrations, self.state.legs)
+        if self._started and not self.client_gone:
+            self.conn.end_stream(error_event(error) + DONE)
+
+    # ---- resume --------------------------------------------------------------------
+    async def resume(self, conn: Connection, last_event_id: int) -> None:
+        """Serve the rest of this stream to a client that reconnected with
+        ``Last-Event-ID``; if it had not ended, continue it from the journal.
+
+        Raises :class:`Conflict` while the stream still has a client, and
+        :class:`InvalidField` for an event id the stream never sent.
+        """
+        if self.services.registry.live.get(self.request_id) is self:
+            raise Conflict(f"stream {self.request_id} still has a client", param="Last-Event-ID")
+        j = self.journal
+        done = j.finished and last_event_id == len(j)  # the client saw the final event
+        if last_event_id >= j.frontier and not done:
+            raise InvalidField(
+                "Last-Event-ID",
+                last_event_id,
+                f"is past the stream's last event ({j.frontier - 1})",
+            )
+        # The text sent through event N is a function of the journal's text through N.
+        stops = StopMatcher(j.params.stop)
+        stops.feed(j.text(0, last_event_id + 1))
+        rest = "" if done else stops.feed(j.text(last_event_id + 1, j.frontier))
+        if j.finished and not done and not stops.stopped:
+            rest += stops.flush()
+        self._stops = stops
+        self.conn, self.client_gone, self.error = conn, False, None
+        self._new.clear()
+        first = self.encoder.first() if last_event_id < 0 else b""
+        if rest:
+            first += self.encoder.text(j.frontier - 1, rest)
+        self._started = True
+        self._last_write = time.perf_counter()
+        conn.start_stream(first=first)
+        if j.finished:
+            assert j.finish_reason is not None
+            tail = b"" if done else self.encoder.finish(len(j), j.finish_reason.value)
+            if self.include_usage:
+                tail += self.encoder.usage_event(self._usage())
+            conn.end_stream(tail + DONE)
+            return
+        j.rewind_to_frontier()
+        self.state = StreamState(
+            Phase.ROUTING, self.state.migrations, self.state.legs, self.state.failures
+        )
+        self.services.registry.add(self)
+        conn.on_disconnect(self._client_gone)
+        try:
+            replica = await self.services.pool.acquire(
+                self.model, self.services.first_token_timeout_s
+            )
+            await self._drive(replica, replica.take_slot(), MovePath.REPREFILL, FailureReason.MOVED)
+        except AlbatrossError as exc:
+            self._fail(exc)
+        finally:
+            self.services.registry.retire(self)
+
+    # ---- watchdog ------------------------------------------------------------------
+    def check_stall(self, now: float) -> None:
+        """Called periodically: a leg with no token for too long has failed."""
+        leg = self.leg
+        if leg is None or self._cut is None or self._cut.done():
+            return
+        if not leg.got_token:
+            limit = self.services.first_token_timeout_s
+            if now - leg.started > limit:
+                self.cut(
+                    Cut(
+                        "failed",
+                        FailureReason.STALLED,
+                        EngineTimeout(f"no token within {limit:g}s"),
+                    )
+                )
+        elif now - leg.activity > self.services.continuity.stall_timeout_s:
+            limit = self.services.continuity.stall_timeout_s
+            self.cut(
+                Cut("failed", FailureReason.STALLED, EngineTimeout(f"no token for {limit:g}s"))
+            )
