@@ -64,6 +64,13 @@ class SamplingParams:
     """``None`` leaves a parameter to the engine's default; the journal records only
     what the client asked for, so a continuation asks for the same."""
     stop: tuple[str, ...] = ()
+    json_schema: str | None = None
+    """Constrained decoding (JSON text of a schema). A constrained generation cannot be
+    continued exactly elsewhere: the grammar's state is not in the journal."""
+
+    @property
+    def continuable(self) -> bool:
+        return self.json_schema is None
 
 
 @dataclass(frozen=True, slots=True)

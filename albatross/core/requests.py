@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from albatross.core.errors import ClientError, InvalidField, UnsupportedField
@@ -44,8 +45,31 @@ class _StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
+class _JsonSchemaSpec(_Strict):
+    name: str | None = None
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None
+
+
 class _ResponseFormat(_Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> _ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format: type json_schema needs json_schema.schema")
+        return self
+
+    def engine_schema(self) -> str | None:
+        """The JSON schema to constrain decoding with, as JSON text; None for text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        assert self.json_schema is not None and self.json_schema.schema_ is not None
+        return orjson.dumps(self.json_schema.schema_).decode()
 
 
 Float = float | int  # JSON numbers: 1 and 1.0 are both fine
@@ -115,7 +139,7 @@ _UNSUPPORTED = {
 _RULES = {
     "n": "must be 1 (several choices cannot be continued exactly)",
     "best_of": "must be 1 (several candidates cannot be continued exactly)",
-    "response_format": "only {'type': 'text'} is supported (guided decoding cannot be continued exactly)",
+    "response_format": "must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'schema': {...}}}",
     "logprobs": "logprobs are not supported",
     "echo": "echo is not supported",
     "suffix": "suffix is not supported",
@@ -188,7 +212,12 @@ def _translate(exc: ValidationError) -> ClientError:
 
 
 def _params(
-    req: _Common, max_tokens: int | None, limits: Limits, seed: int, field: str = "max_tokens"
+    req: _Common,
+    max_tokens: int | None,
+    limits: Limits,
+    seed: int,
+    field: str = "max_tokens",
+    json_schema: str | None = None,
 ) -> SamplingParams:
     mt = limits.max_tokens_default if max_tokens is None else max_tokens
     if mt > limits.max_tokens_limit:
@@ -214,6 +243,7 @@ def _params(
         frequency_penalty=f(req.frequency_penalty),
         repeat_penalty=f(req.repetition_penalty),
         stop=stop,
+        json_schema=json_schema,
     )
 
 
@@ -237,7 +267,7 @@ def parse_chat(body: object, limits: Limits, seed: int) -> GenerationRequest:
     return GenerationRequest(
         kind="chat",
         model=req.model,
-        params=_params(req, mt, limits, seed, field),
+        params=_params(req, mt, limits, seed, field, req.response_format.engine_schema() if req.response_format else None),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         messages=tuple(ChatMessage(m.role, m.text()) for m in req.messages),

@@ -63,6 +63,8 @@ def completion_body(cont: Continuation, slot: int | None = None) -> dict[str, An
     if slot is not None:
         body["id_slot"] = slot
     p = cont.params
+    if p.json_schema is not None:
+        body["json_schema"] = orjson.loads(p.json_schema)
     for attr, key in _SAMPLING_FIELDS:
         v = getattr(p, attr)
         if v is not None:

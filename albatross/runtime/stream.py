@@ -173,6 +173,7 @@ class StreamSession:
     _move_task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
+        self.continuable = self.journal.params.continuable
         self._stops = StopMatcher(self.journal.params.stop)
         self.mm: ModelMetrics = self.services.metrics.model(self.model)
 
@@ -219,11 +220,13 @@ class StreamSession:
             # An unplanned failure: continue from the journal on another replica.
             pool.release(replica, slot)
             bad_request = isinstance(cut.error, ClientError)
+            # Nothing released yet: even a constrained request restarts exactly.
+            fresh = self.journal.frontier == 0
             verdict = step(
                 self.state,
                 StreamEvent.LEG_FAILED,
                 max_migrations=cfg.max_migrations,
-                continuable=self.continuable and not bad_request,
+                continuable=(self.continuable or fresh) and not bad_request,
             )
             self.state = verdict.state
             assert cut.reason is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -65,12 +66,8 @@ BAD_CHAT: list[tuple[str, object, str]] = [
     ("tool_choice", chat(tool_choice="auto"), "tool_choice"),
     ("logit_bias", chat(logit_bias={"1": 5}), "logit_bias"),
     ("unknown field", chat(foo=1), "foo"),
-    ("json_object", chat(response_format={"type": "json_object"}), "response_format"),
-    (
-        "json_schema",
-        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-        "response_format",
-    ),
+    ("response_format grammar", chat(response_format={"type": "grammar"}), "response_format"),
+    ("json_schema without schema", chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), "response_format"),
     ("stop with empty string", chat(stop=["a", ""]), "stop"),
     ("stop empty string", chat(stop=""), "stop"),
     ("17 stops", chat(stop=[f"s{i}" for i in range(17)]), "stop"),
@@ -300,3 +297,14 @@ def test_completion_stop_and_max_tokens() -> None:
     assert r.params.stop == ("\n",)
     assert r.params.max_tokens == 5
     assert r.params.seed == 11
+
+
+def test_guided_decoding_is_accepted_and_marked_not_continuable() -> None:
+    plain = parse_chat(chat(), LIMITS, 1)
+    assert plain.params.json_schema is None and plain.params.continuable
+    obj = parse_chat(chat(response_format={"type": "json_object"}), LIMITS, 1)
+    assert obj.params.json_schema == '{"type": "object"}' and not obj.params.continuable
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    js = parse_chat(chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}), LIMITS, 1)
+    assert js.params.json_schema is not None and json.loads(js.params.json_schema) == schema
+    assert not js.params.continuable
