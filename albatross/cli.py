@@ -15,10 +15,12 @@ from typing import Annotated
 
 import typer
 
-from albatross.config import Config, ConfigError, load_config
+from albatross.config import Config, ConfigError, config_from_mapping, load_config
 from albatross.runtime.app import App, EngineFiles
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Albatross: LLM streams that survive.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Albatross: LLM streams that survive."
+)
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -53,7 +55,10 @@ async def _serve(config: Config, files: EngineFiles) -> None:
     await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if starting.done() and starting.exception() is None:
         g = config.gateway
-        names = ", ".join(f"{m.name} ({m.replicas} replicas{', ' + str(len(m.endpoints)) + ' endpoints' if m.endpoints else ''})" for m in config.models)
+        names = ", ".join(
+            f"{m.name} ({m.replicas} replicas{', ' + str(len(m.endpoints)) + ' endpoints' if m.endpoints else ''})"
+            for m in config.models
+        )
         print(f"albatross: serving {names} on http://{g.host}:{application.port}", flush=True)
         await stopper
     else:
@@ -66,7 +71,10 @@ async def _serve(config: Config, files: EngineFiles) -> None:
 
 @app.command()
 def serve(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file; default: the embedded default.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="TOML config file; default: the embedded default."),
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Override gateway.port.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -79,7 +87,10 @@ def serve(
     try:
         cfg = load_config(config)
         if port is not None:
-            cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update={"port": port})})
+            # Through validation, like the file: model_copy(update=...) would skip it.
+            data = cfg.model_dump()
+            data["gateway"]["port"] = port
+            cfg = config_from_mapping(data, "--port")
         files = _resolve_files(cfg)
     except ConfigError as exc:
         print(f"albatross: invalid configuration in {exc.source}:", file=sys.stderr)
@@ -91,7 +102,9 @@ def serve(
 
         uvloop.run(_serve(cfg, files))
     except Exception as exc:
-        logging.getLogger("albatross").error("%s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG))
+        logging.getLogger("albatross").error(
+            "%s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG)
+        )
         raise typer.Exit(EXIT_FAILURE) from exc
 
 

@@ -104,7 +104,9 @@ class Verdict:
     give_up: str | None = None
 
 
-def step(state: StreamState, event: StreamEvent, *, max_migrations: int, continuable: bool = True) -> Verdict:
+def step(
+    state: StreamState, event: StreamEvent, *, max_migrations: int, continuable: bool = True
+) -> Verdict:
     """Apply ``event``. Raises :class:`IllegalStreamTransition` (state unchanged)."""
     nxt = _TABLE.get((state.phase, event))
     if nxt is None:
@@ -115,7 +117,10 @@ def step(state: StreamState, event: StreamEvent, *, max_migrations: int, continu
     if event is StreamEvent.LEG_FAILED:
         failed = replace(state, failures=state.failures + 1)
         if not continuable:
-            return Verdict(replace(failed, phase=Phase.FAILED), "the request cannot be continued exactly on another replica")
+            return Verdict(
+                replace(failed, phase=Phase.FAILED),
+                "the request cannot be continued exactly on another replica",
+            )
         if failed.failures > max_migrations:
             return Verdict(
                 replace(failed, phase=Phase.FAILED),

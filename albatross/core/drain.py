@@ -82,11 +82,17 @@ def plan_drain(
         end = now + remaining * seconds_per_token
         if end <= budget_end:
             plans[r.request_id] = RequestPlan(
-                r.request_id, Decision.FINISH_IN_PLACE, end, f"{remaining} tokens fit before the deadline"
+                r.request_id,
+                Decision.FINISH_IN_PLACE,
+                end,
+                f"{remaining} tokens fit before the deadline",
             )
         elif not r.continuable:
             plans[r.request_id] = RequestPlan(
-                r.request_id, Decision.AT_RISK, end, "does not fit and cannot be continued exactly elsewhere"
+                r.request_id,
+                Decision.AT_RISK,
+                end,
+                "does not fit and cannot be continued exactly elsewhere",
             )
         else:
             late.append((end, r))
@@ -97,8 +103,13 @@ def plan_drain(
         if room > 0:
             room -= 1
             plans[r.request_id] = RequestPlan(
-                r.request_id, Decision.MIGRATE_NOW, end, "would run past the deadline; moved while the source runs"
+                r.request_id,
+                Decision.MIGRATE_NOW,
+                end,
+                "would run past the deadline; moved while the source runs",
             )
         else:
-            plans[r.request_id] = RequestPlan(r.request_id, Decision.AT_RISK, end, "no free slot on another replica")
+            plans[r.request_id] = RequestPlan(
+                r.request_id, Decision.AT_RISK, end, "no free slot on another replica"
+            )
     return DrainPlan(stop_admitting=True, requests=tuple(plans[r.request_id] for r in in_flight))

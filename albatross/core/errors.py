@@ -14,6 +14,8 @@ class AlbatrossError(Exception):
 
     status: int = 500
     type: str = "internal_error"
+    headers: tuple[tuple[str, str], ...] = ()
+    """Extra response headers the status calls for (e.g. ``Allow`` with 405)."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -64,6 +66,10 @@ class NotFound(ClientError):
 
 class MethodNotAllowed(ClientError):
     status = 405
+
+    def __init__(self, message: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.headers = (("Allow", ", ".join(allowed)),)
 
 
 class Conflict(ClientError):

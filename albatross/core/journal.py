@@ -105,9 +105,19 @@ class JournalClosed(Exception):
 class StreamJournal:
     """Token-level record of one request; see the module docstring for its rules."""
 
-    __slots__ = ("_frontier", "finish_reason", "ids", "params", "pieces", "prompt_ids", "request_id")
+    __slots__ = (
+        "_frontier",
+        "finish_reason",
+        "ids",
+        "params",
+        "pieces",
+        "prompt_ids",
+        "request_id",
+    )
 
-    def __init__(self, request_id: str, prompt_ids: tuple[int, ...], params: SamplingParams) -> None:
+    def __init__(
+        self, request_id: str, prompt_ids: tuple[int, ...], params: SamplingParams
+    ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -149,7 +159,9 @@ class StreamJournal:
     def finish(self, reason: FinishReason) -> None:
         """Close the journal; idempotent for the same reason."""
         if self.finish_reason is not None and self.finish_reason is not reason:
-            raise JournalClosed(f"{self.request_id}: finished twice ({self.finish_reason}, {reason})")
+            raise JournalClosed(
+                f"{self.request_id}: finished twice ({self.finish_reason}, {reason})"
+            )
         self.finish_reason = reason
 
     def rewind_to_frontier(self) -> int:

@@ -58,7 +58,9 @@ class _ResponseFormat(_Strict):
 
     @model_validator(mode="after")
     def _schema_given(self) -> _ResponseFormat:
-        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+        if self.type == "json_schema" and (
+            self.json_schema is None or self.json_schema.schema_ is None
+        ):
             raise ValueError("response_format: type json_schema needs json_schema.schema")
         return self
 
@@ -102,12 +104,16 @@ class _Chat(_Common):
     @model_validator(mode="after")
     def _one_max(self) -> _Chat:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("max_completion_tokens: give max_tokens or max_completion_tokens, not both")
+            raise ValueError(
+                "max_completion_tokens: give max_tokens or max_completion_tokens, not both"
+            )
         return self
 
 
 class _Completion(_Common):
-    prompt: Annotated[str | list[int] | list[str] | list[list[int]], Field(union_mode="left_to_right")]
+    prompt: Annotated[
+        str | list[int] | list[str] | list[list[int]], Field(union_mode="left_to_right")
+    ]
     echo: Literal[False] | None = None
     logprobs: None = None
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
@@ -122,7 +128,9 @@ class _Completion(_Common):
             if not p or (isinstance(p[0], list) and not p[0]):
                 raise ValueError("prompt: must not be empty")
             if isinstance(p[0], str | list) and len(p) > 1:
-                raise ValueError("prompt: batched prompts are not supported; send one prompt per request")
+                raise ValueError(
+                    "prompt: batched prompts are not supported; send one prompt per request"
+                )
         return self
 
 
@@ -197,7 +205,9 @@ def _translate(exc: ValidationError) -> ClientError:
             return UnsupportedField(top, _UNSUPPORTED[top])
         return UnsupportedField(field, "is not a supported parameter")
     if top == "stop" and isinstance(e.get("input"), list) and len(e["input"]) > _MAX_STOPS:
-        return InvalidField("stop", f"{len(e['input'])} sequences", f"must have at most {_MAX_STOPS} sequences")
+        return InvalidField(
+            "stop", f"{len(e['input'])} sequences", f"must have at most {_MAX_STOPS} sequences"
+        )
     if top in _RULES and len(e["loc"]) >= 1:
         return InvalidField(top, e.get("input"), _RULES[top])
     if e["type"] == "missing":
@@ -229,6 +239,7 @@ def _params(
         stop = tuple(req.stop)
     if any(not s for s in stop):
         raise InvalidField("stop", req.stop, "must not contain empty strings")
+
     def f(v: float | None) -> float | None:
         return None if v is None else float(v)
 
@@ -267,7 +278,14 @@ def parse_chat(body: object, limits: Limits, seed: int) -> GenerationRequest:
     return GenerationRequest(
         kind="chat",
         model=req.model,
-        params=_params(req, mt, limits, seed, field, req.response_format.engine_schema() if req.response_format else None),
+        params=_params(
+            req,
+            mt,
+            limits,
+            seed,
+            field,
+            req.response_format.engine_schema() if req.response_format else None,
+        ),
         stream=req.stream,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         messages=tuple(ChatMessage(m.role, m.text()) for m in req.messages),

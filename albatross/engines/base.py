@@ -74,7 +74,9 @@ class EngineClient(Protocol):
 
     async def prompt_ids_for_text(self, text: str) -> tuple[int, ...]: ...
 
-    async def generate(self, cont: Continuation, sink: TokenSink, slot: int | None = None) -> Generation:
+    async def generate(
+        self, cont: Continuation, sink: TokenSink, slot: int | None = None
+    ) -> Generation:
         """Start generating (pinned to ``slot`` if given); returns once the request is
         sent. Raises :class:`EngineError`."""
         ...

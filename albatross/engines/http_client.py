@@ -10,6 +10,7 @@ parser errors, time-outs) are translated into :class:`EngineError` here.
 from __future__ import annotations
 
 import asyncio
+import select
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -27,7 +28,9 @@ def split_base_url(base_url: str) -> tuple[str, int]:
     return u.hostname, u.port or 80
 
 
-def build_request(method: str, host: str, port: int, path: str, body: bytes | None, keep_alive: bool = False) -> bytes:
+def build_request(
+    method: str, host: str, port: int, path: str, body: bytes | None, keep_alive: bool = False
+) -> bytes:
     head = [
         f"{method} {path} HTTP/1.1",
         f"Host: {host}:{port}",
@@ -72,10 +75,27 @@ class EngineConnection(asyncio.Protocol):
         on_read_done: Callable[[], None] | None = None,
     ) -> None:
         assert self.transport is not None and self._ended
-        self._on_head, self._on_body, self._on_end, self._on_read_done = on_head, on_body, on_end, on_read_done
+        self._on_head, self._on_body, self._on_end, self._on_read_done = (
+            on_head,
+            on_body,
+            on_end,
+            on_read_done,
+        )
         self._parser = httptools.HttpResponseParser(self)
         self._ended = False
         self.transport.write(request)
+
+    def usable(self) -> bool:
+        """Idle and still open: the server may close an idle connection at any time
+        (llama-server does after bursts), and a FIN not yet processed by the event loop
+        shows as a readable socket, so poll it once (one syscall) before reuse."""
+        if self.lost or self.transport is None or self.transport.is_closing():
+            return False
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        return not readable  # an idle connection has nothing to read but EOF
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,7 +116,9 @@ class EngineConnection(asyncio.Protocol):
         self.lost = True
         if self._pool is not None:
             self._pool.discard(self)
-        self._end(EngineLost(f"engine connection lost: {exc or 'closed before the response ended'}"))
+        self._end(
+            EngineLost(f"engine connection lost: {exc or 'closed before the response ended'}")
+        )
 
     # httptools callbacks
     def on_headers_complete(self) -> None:
@@ -166,20 +188,24 @@ class ConnectionPool:
         conn: EngineConnection | None = None
         while self._idle:
             t, c = self._idle.pop()
-            if now - t < self._idle_s and not c.lost and c.transport is not None and not c.transport.is_closing():
+            if now - t < self._idle_s and c.usable():
                 conn = c
                 break
             c.close()
         if conn is None:
             try:
                 async with asyncio.timeout(connect_timeout_s):
-                    _, conn = await loop.create_connection(lambda: EngineConnection(self), self.host, self.port)
+                    _, conn = await loop.create_connection(
+                        lambda: EngineConnection(self), self.host, self.port
+                    )
             except TimeoutError as exc:
                 raise EngineTimeout(
                     f"engine {self.host}:{self.port} did not accept a connection in {connect_timeout_s}s"
                 ) from exc
             except OSError as exc:
-                raise EngineError(f"engine {self.host}:{self.port} unreachable: {exc.strerror or exc}") from exc
+                raise EngineError(
+                    f"engine {self.host}:{self.port} unreachable: {exc.strerror or exc}"
+                ) from exc
             self.connects += 1
         conn.send(request, on_head, on_body, on_end, on_read_done)
         return conn

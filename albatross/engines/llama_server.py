@@ -162,7 +162,9 @@ class _SSEGeneration:
         # The connection stays open: the end of the response returns it to the pool.
         self._done = True
         timings = ev.get("timings") or {}
-        self._sink.on_finish(Finished(stop_type=str(ev.get("stop_type", "none")), prompt_n=timings.get("prompt_n")))
+        self._sink.on_finish(
+            Finished(stop_type=str(ev.get("stop_type", "none")), prompt_n=timings.get("prompt_n"))
+        )
 
     def _fail(self, error: EngineError | ClientError) -> None:
         # An engine 4xx (e.g. prompt longer than the context) arrives as ClientError:
@@ -220,12 +222,15 @@ class LlamaServerClient:
 
     async def prompt_ids_for_chat(self, messages: tuple[ChatMessage, ...]) -> tuple[int, ...]:
         data = await self._call(
-            "/apply-template", {"messages": [{"role": m.role, "content": m.content} for m in messages]}
+            "/apply-template",
+            {"messages": [{"role": m.role, "content": m.content} for m in messages]},
         )
         return await self.prompt_ids_for_text(data["prompt"])
 
     async def prompt_ids_for_text(self, text: str) -> tuple[int, ...]:
-        data = await self._call("/tokenize", {"content": text, "add_special": True, "parse_special": True})
+        data = await self._call(
+            "/tokenize", {"content": text, "add_special": True, "parse_special": True}
+        )
         return tuple(data["tokens"])
 
     async def total_slots(self) -> int:
@@ -255,13 +260,23 @@ class LlamaServerClient:
         extending them then prefills only the rest); returns tokens evaluated."""
         data = await self._call(
             "/completion",
-            {"prompt": list(prompt_ids), "n_predict": 0, "id_slot": slot, "cache_prompt": True, "temperature": 0},
+            {
+                "prompt": list(prompt_ids),
+                "n_predict": 0,
+                "id_slot": slot,
+                "cache_prompt": True,
+                "temperature": 0,
+            },
         )
         return int((data.get("timings") or {}).get("prompt_n", 0))
 
-    async def generate(self, cont: Continuation, sink: TokenSink, slot: int | None = None) -> Generation:
+    async def generate(
+        self, cont: Continuation, sink: TokenSink, slot: int | None = None
+    ) -> Generation:
         gen = _SSEGeneration(cont.start, sink)
         body = orjson.dumps(completion_body(cont, slot))
         req = build_request("POST", self.host, self.port, "/completion", body, keep_alive=True)
-        gen._proto = await self.pool.exchange(req, gen.on_head, gen.on_body, gen.on_end, gen.on_read_done)
+        gen._proto = await self.pool.exchange(
+            req, gen.on_head, gen.on_body, gen.on_end, gen.on_read_done
+        )
         return gen

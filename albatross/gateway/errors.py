@@ -8,7 +8,9 @@ from albatross.core.errors import AlbatrossError
 
 
 def error_body(exc: AlbatrossError) -> dict[str, object]:
-    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    return {
+        "error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    }
 
 
 def error_response(exc: AlbatrossError) -> tuple[int, bytes]:
@@ -16,6 +18,7 @@ def error_response(exc: AlbatrossError) -> tuple[int, bytes]:
     return exc.status, orjson.dumps(error_body(exc))
 
 
-def error_event(exc: AlbatrossError) -> bytes:
-    """An SSE event carrying the error, for a stream whose headers are already sent."""
-    return b"data: " + orjson.dumps(error_body(exc)) + b"\n\n"
+def error_event(exc: AlbatrossError, length: int) -> bytes:
+    """The final SSE event of a stream that failed after its headers were sent; like a
+    finish event its id is the stream's length."""
+    return b"id: %d\ndata: %b\n\n" % (length, orjson.dumps(error_body(exc)))

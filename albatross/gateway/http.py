@@ -38,7 +38,13 @@ class Request:
     __slots__ = ("body", "conn", "headers", "keep_alive", "method", "path", "query")
 
     def __init__(
-        self, conn: Connection, method: str, url: bytes, headers: dict[str, str], body: bytes, keep_alive: bool
+        self,
+        conn: Connection,
+        method: str,
+        url: bytes,
+        headers: dict[str, str],
+        body: bytes,
+        keep_alive: bool,
     ) -> None:
         self.conn = conn
         self.keep_alive = keep_alive
@@ -123,7 +129,9 @@ class Connection(asyncio.Protocol):
         cl = self._headers.get("content-length")
         if cl is not None and cl.isdigit() and int(cl) > self._max_body:
             self._reject_body()
-        elif self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+        elif (
+            self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None
+        ):
             # curl sends this for bodies over 1 KiB and waits ~1 s unless answered.
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -141,7 +149,9 @@ class Connection(asyncio.Protocol):
             return
         method = self._parser.get_method().decode("latin-1")
         keep = bool(self._parser.should_keep_alive())
-        self._queue.append(Request(self, method, self._url, self._headers, b"".join(self._body), keep))
+        self._queue.append(
+            Request(self, method, self._url, self._headers, b"".join(self._body), keep)
+        )
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._serve())
 
@@ -174,7 +184,7 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         status, body = self._render_error(exc)
-        self.respond(status, body)
+        self.respond(status, body, headers=exc.headers)
 
     def _reject_body(self) -> None:
         self._too_large = True
@@ -195,7 +205,12 @@ class Connection(asyncio.Protocol):
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def respond(
-        self, status: int, body: bytes, content_type: str = "application/json", close: bool = False
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        close: bool = False,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Send a whole response."""
         if self.transport is None or self.closed:
@@ -203,12 +218,16 @@ class Connection(asyncio.Protocol):
         if close:
             self._keep_alive = False
         self._response_started = True
-        head = self._head(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+        head = self._head(
+            status, [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers]
+        )
         self.transport.write(head + body)
         if close:
             self.close()
 
-    def start_stream(self, status: int = 200, content_type: str = "text/event-stream", first: bytes = b"") -> None:
+    def start_stream(
+        self, status: int = 200, content_type: str = "text/event-stream", first: bytes = b""
+    ) -> None:
         """Send the head of a chunked response (and optionally its first chunk)."""
         if self.transport is None or self.closed:
             return
@@ -261,5 +280,9 @@ async def serve(
     """Start listening; returns the server (already serving)."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: Connection(handler, render_error, max_body), host, port, reuse_address=True, backlog=1024
+        lambda: Connection(handler, render_error, max_body),
+        host,
+        port,
+        reuse_address=True,
+        backlog=1024,
     )

@@ -76,9 +76,14 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "albatross_requests", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"], registry=r
+            "albatross_requests",
+            "Requests answered, by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=r,
         )
-        self._tokens = Counter("albatross_tokens", "Tokens generated for clients.", ["model"], registry=r)
+        self._tokens = Counter(
+            "albatross_tokens", "Tokens generated for clients.", ["model"], registry=r
+        )
         self._ttft = _LoopCollector(
             "albatross_time_to_first_token_seconds",
             "From request received to the first token written to the client.",
@@ -91,12 +96,20 @@ class Metrics:
         )
         r.register(self._ttft)
         r.register(self._itl)
-        self._in_flight = Gauge("albatross_requests_in_flight", "Requests being generated.", ["model"], registry=r)
+        self._in_flight = Gauge(
+            "albatross_requests_in_flight", "Requests being generated.", ["model"], registry=r
+        )
         self.replica_state = Gauge(
-            "albatross_replica_state", "1 for the state each replica is in.", ["model", "replica", "state"], registry=r
+            "albatross_replica_state",
+            "1 for the state each replica is in.",
+            ["model", "replica", "state"],
+            registry=r,
         )
         self.replica_restarts = Counter(
-            "albatross_replica_losses", "Times a replica process was lost (exited or killed).", ["model", "replica"], registry=r
+            "albatross_replica_losses",
+            "Times a replica process was lost (exited or killed).",
+            ["model", "replica"],
+            registry=r,
         )
         self.migrations = Counter(
             "albatross_migrations",
@@ -131,11 +144,16 @@ class Metrics:
             ttft = self._ttft.children[name] = LoopHistogram(_TTFT_BUCKETS)
             itl = self._itl.children[name] = LoopHistogram(_ITL_BUCKETS)
             m = self._models[name] = ModelMetrics(
-                tokens=self._tokens.labels(name), ttft=ttft, itl=itl, in_flight=self._in_flight.labels(name)
+                tokens=self._tokens.labels(name),
+                ttft=ttft,
+                itl=itl,
+                in_flight=self._in_flight.labels(name),
             )
         return m
 
-    def set_replica_state(self, model: str, replica: str, state: str, states: tuple[str, ...]) -> None:
+    def set_replica_state(
+        self, model: str, replica: str, state: str, states: tuple[str, ...]
+    ) -> None:
         for s in states:
             self.replica_state.labels(model, replica, s).set(1 if s == state else 0)
 

@@ -38,36 +38,47 @@ class Encoder:
             self._pre = b"data: " + self._base + b'"choices":[{"index":0,"text":'
             self._suf = b',"logprobs":null,"finish_reason":null}]}\n\n'
 
+    # Event ids (every event has one, strictly increasing): the chat role event -1,
+    # text events the journal position of their last token, the final event the
+    # stream's length L, the usage event L + 1. ``data: [DONE]`` is the end marker.
+
     def first(self) -> bytes:
         """The event that opens a chat stream (OpenAI sends the role first)."""
         if self._kind != "chat":
             return b""
         return (
-            b"data: "
+            b"id: -1\ndata: "
             + self._base
             + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
         )
 
-    def text(self, position: int | None, text: str) -> bytes:
-        """One event with ``text``; ``id`` is the journal position of its last token
-        (none for text released by the end of the stream, which the final event's id
-        covers)."""
-        if position is None:
-            return b"%b%b%b" % (self._pre, orjson.dumps(text), self._suf)
+    def text(self, position: int, text: str) -> bytes:
+        """One event with ``text``; ``id`` is the journal position of its last token."""
         return b"id: %d\n%b%b%b" % (position, self._pre, orjson.dumps(text), self._suf)
 
-    def finish(self, position: int, reason: str) -> bytes:
-        """The final event; its id is the stream's length, past every token position."""
+    def finish(self, length: int, reason: str, text: str = "") -> bytes:
+        """The final event, id = the stream's length; it carries any text released only
+        by the end of the stream (held back by the stop matcher until then)."""
+        t = orjson.dumps(text)
         if self._kind == "chat":
-            choice = (
-                b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"%b"}' % reason.encode()
+            delta = b'{"content":%b}' % t if text else b"{}"
+            choice = b'{"index":0,"delta":%b,"logprobs":null,"finish_reason":"%b"}' % (
+                delta,
+                reason.encode(),
             )
         else:
-            choice = b'{"index":0,"text":"","logprobs":null,"finish_reason":"%b"}' % reason.encode()
-        return b'id: %d\ndata: %b"choices":[%b]}\n\n' % (position, self._base, choice)
+            choice = b'{"index":0,"text":%b,"logprobs":null,"finish_reason":"%b"}' % (
+                t,
+                reason.encode(),
+            )
+        return b'id: %d\ndata: %b"choices":[%b]}\n\n' % (length, self._base, choice)
 
-    def usage_event(self, usage: dict[str, int]) -> bytes:
-        return b"data: " + self._base + b'"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n"
+    def usage_event(self, length: int, usage: dict[str, int]) -> bytes:
+        return b'id: %d\ndata: %b"choices":[],"usage":%b}\n\n' % (
+            length + 1,
+            self._base,
+            orjson.dumps(usage),
+        )
 
     def whole(self, text: str, reason: str, usage: dict[str, int]) -> bytes:
         """A non-streaming response body."""

@@ -77,7 +77,9 @@ class Control:
     @staticmethod
     def _only(req: Request, method: str) -> None:
         if req.method != method:
-            raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}; use {method}")
+            raise MethodNotAllowed(
+                f"{req.method} is not allowed on {req.path}; use {method}", (method,)
+            )
 
     def _replica(self, body: dict[str, Any], key: str = "replica") -> Replica:
         rid = body.get(key)

@@ -77,7 +77,8 @@ class Api:
         if handler is None:
             self._count(route, 405)
             raise MethodNotAllowed(
-                f"{req.method} is not allowed on {req.path}; use {', '.join(methods)}"
+                f"{req.method} is not allowed on {req.path}; use {', '.join(methods)}",
+                tuple(methods),
             )
         try:
             await handler(req)
@@ -156,7 +157,7 @@ class Api:
         session = self.registry.get(rid)
         if session is None:
             raise NotFound(f"no stream {rid!r} (unknown, not streamed, or past its retention)")
-        raw = req.headers.get("last-event-id", "-1").strip()
+        raw = req.headers.get("last-event-id", "-2").strip()  # absent: nothing was seen
         try:
             last = int(raw)
         except ValueError:

@@ -345,17 +345,16 @@ class StreamSession:
             self._emit(out)
 
     def _on_finish(self, finished: Finished) -> None:
+        if self.journal.finished:
+            return  # a stop sequence completed it in the same read
         self._flush()
         if self._stops.stopped:
             self._complete(FinishReason.STOP)
             return
-        tail = self._stops.flush()
-        if tail:
-            self._emit(tail, final=True)
-        self._complete(FinishReason.LENGTH if finished.stop_type == "limit" else FinishReason.STOP)
+        reason = FinishReason.LENGTH if finished.stop_type == "limit" else FinishReason.STOP
+        self._complete(reason, self._stops.flush())
 
-    # ---- writing -------------------------------------------------------------------
-    def _emit(self, text: str, final: bool = False) -> None:
+    def _emit(self, text: str) -> None:
         now = time.perf_counter()
         mm = self.mm
         if not self._emitted:
@@ -370,9 +369,7 @@ class StreamSession:
         if not self.stream:
             self._out.append(text)
             return
-        # Text held back by the stop matcher until the end carries no id: the final
-        # event's id (the stream's length) covers it.
-        data = self.encoder.text(None if final else self.journal.frontier - 1, text)
+        data = self.encoder.text(self.journal.frontier - 1, text)
         if self._started:
             self.conn.send_chunk(data)
         else:
@@ -383,22 +380,28 @@ class StreamSession:
         p, c = len(self.journal.prompt_ids), len(self.journal)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def _complete(self, reason: FinishReason) -> None:
+    def _complete(self, reason: FinishReason, tail: str = "") -> None:
+        """Finish the response; ``tail`` is text only the end of the stream released."""
         j = self.journal
+        if j.finished:
+            return
         j.finish(reason)
-        self.state = StreamState(Phase.DONE, self.state.migrations, self.state.legs)
+        self.state = StreamState(
+            Phase.DONE, self.state.migrations, self.state.legs, self.state.failures
+        )
         if self.stream:
-            tail = self.encoder.finish(len(j), reason.value)
+            end = self.encoder.finish(len(j), reason.value, tail)
             if self.include_usage:
-                tail += self.encoder.usage_event(self._usage())
-            tail += DONE
+                end += self.encoder.usage_event(len(j), self._usage())
+            end += DONE
             if self._started:
-                self.conn.end_stream(tail)
+                self.conn.end_stream(end)
             else:
                 self._started = True
-                self.conn.start_stream(first=self.encoder.first() + tail)
+                self.conn.start_stream(first=self.encoder.first() + end)
                 self.conn.end_stream()
         else:
+            self._out.append(tail)
             self._started = True
             self.conn.respond(
                 200, self.encoder.whole("".join(self._out), reason.value, self._usage())
@@ -411,7 +414,7 @@ class StreamSession:
         self.error = error
         self.state = StreamState(Phase.FAILED, self.state.migrations, self.state.legs)
         if self._started and not self.client_gone:
-            self.conn.end_stream(error_event(error) + DONE)
+            self.conn.end_stream(error_event(error, len(self.journal)) + DONE)
 
     # ---- resume --------------------------------------------------------------------
     async def resume(self, conn: Connection, last_event_id: int) -> None:
@@ -424,8 +427,8 @@ class StreamSession:
         if self.services.registry.live.get(self.request_id) is self:
             raise Conflict(f"stream {self.request_id} still has a client", param="Last-Event-ID")
         j = self.journal
-        done = j.finished and last_event_id == len(j)  # the client saw the final event
-        if last_event_id >= j.frontier and not done:
+        seen = max(last_event_id, -2)  # -2: nothing seen, -1: the chat role event
+        if seen >= j.frontier and not (j.finished and seen <= len(j) + 1):
             raise InvalidField(
                 "Last-Event-ID",
                 last_event_id,
@@ -433,26 +436,28 @@ class StreamSession:
             )
         # The text sent through event N is a function of the journal's text through N.
         stops = StopMatcher(j.params.stop)
-        stops.feed(j.text(0, last_event_id + 1))
-        rest = "" if done else stops.feed(j.text(last_event_id + 1, j.frontier))
-        if j.finished and not done and not stops.stopped:
-            rest += stops.flush()
+        stops.feed(j.text(0, max(seen, -1) + 1))
+        rest = stops.feed(j.text(max(seen, -1) + 1, j.frontier)) if seen < j.frontier else ""
         self._stops = stops
         self.conn, self.client_gone, self.error = conn, False, None
         self._new.clear()
-        first = self.encoder.first() if last_event_id < 0 else b""
+        first = self.encoder.first() if seen < -1 else b""
         if rest:
             first += self.encoder.text(j.frontier - 1, rest)
         self._started = True
         self._last_write = time.perf_counter()
-        conn.start_stream(first=first)
         if j.finished:
             assert j.finish_reason is not None
-            tail = b"" if done else self.encoder.finish(len(j), j.finish_reason.value)
-            if self.include_usage:
-                tail += self.encoder.usage_event(self._usage())
-            conn.end_stream(tail + DONE)
+            if seen < len(j):
+                first += self.encoder.finish(
+                    len(j), j.finish_reason.value, "" if stops.stopped else stops.flush()
+                )
+            if seen < len(j) + 1 and self.include_usage:
+                first += self.encoder.usage_event(len(j), self._usage())
+            conn.start_stream(first=first)
+            conn.end_stream(DONE)
             return
+        conn.start_stream(first=first)
         j.rewind_to_frontier()
         self.state = StreamState(
             Phase.ROUTING, self.state.migrations, self.state.legs, self.state.failures

@@ -85,7 +85,7 @@ def test_awkward_text_round_trips(kind: str, text: str) -> None:
 
 def test_chat_first_event_sends_the_role() -> None:
     event_id, obj = parse_event(enc("chat").first())
-    assert event_id is None
+    assert event_id == "-1"  # before every token position
     check_envelope(obj, "chat")
     (choice,) = obj["choices"]
     assert choice["delta"] == {"role": "assistant", "content": ""}
@@ -109,10 +109,18 @@ def test_finish_event(kind: str, reason: str) -> None:
         assert choice["text"] == ""
 
 
+@pytest.mark.parametrize("reason", ["stop", "length"])
+def test_finish_event_carries_text_released_by_the_end(kind: str, reason: str) -> None:
+    _, obj = parse_event(enc(kind).finish(12, reason, 'tail "x"'))
+    (choice,) = obj["choices"]
+    assert content_of(kind, choice) == 'tail "x"'
+    assert choice["finish_reason"] == reason
+
+
 def test_usage_event(kind: str) -> None:
     usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-    event_id, obj = parse_event(enc(kind).usage_event(usage))
-    assert event_id is None
+    event_id, obj = parse_event(enc(kind).usage_event(3, usage))
+    assert event_id == "4"  # after the final event (id = length 3)
     check_envelope(obj, kind)
     assert obj["choices"] == []
     assert obj["usage"] == usage
