@@ -121,5 +121,44 @@ def check_config(config: Annotated[Path, typer.Argument(help="TOML config file."
     print(cfg.model_dump_json(indent=2))
 
 
+@app.command()
+def preempt(
+    replica: Annotated[
+        str | None, typer.Option(help="Replica id; default: every managed replica.")
+    ] = None,
+    deadline_s: Annotated[float, typer.Option(help="Seconds until the replica goes away.")] = 30.0,
+    url: Annotated[str, typer.Option(help="The gateway.")] = "http://127.0.0.1:8000",
+    token: Annotated[
+        str | None, typer.Option(envvar="ALBATROSS_CONTROL_TOKEN", help="Control API token.")
+    ] = None,
+) -> None:
+    """Send a preemption notice to a running gateway (as a spot notice would)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if not token:
+        print(
+            "albatross: no control token: pass --token or set ALBATROSS_CONTROL_TOKEN",
+            file=sys.stderr,
+        )
+        raise typer.Exit(EXIT_CONFIG)
+    body = json.dumps({"replica": replica, "deadline_s": deadline_s}).encode()
+    req = urllib.request.Request(
+        url.rstrip("/") + "/admin/preempt",
+        data=body,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            print(r.read().decode())
+    except urllib.error.HTTPError as exc:
+        print(f"albatross: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        raise typer.Exit(EXIT_FAILURE) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"albatross: cannot reach {url}: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_FAILURE) from exc
+
+
 def main() -> None:
     app()

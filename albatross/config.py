@@ -82,6 +82,24 @@ class ContinuityConfig(_Frozen):
     """Path of planned moves: auto = KV transfer where both replicas share ``slot_dir``, else pre-warm."""
 
 
+class SpotConfig(_Frozen):
+    """Preemption notices and what follows them (see README: Running on spot instances)."""
+
+    source: Literal["none", "local", "aws", "gcp", "azure"] = "local"
+    """Where notices come from. ``local``: the control API, ``albatross preempt`` and
+    SIGUSR1 only; a cloud: its metadata service too."""
+    base_url: str | None = None
+    """Metadata service base URL; unset = the cloud's own."""
+    poll_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    default_lead_s: Annotated[float, Field(gt=0)] = 30.0
+    """Deadline assumed when a notice gives none (GCP, local triggers)."""
+    margin_s: Annotated[float, Field(ge=0)] = 5.0
+    """Kept free before the deadline when deciding to finish a stream in place."""
+    replace: bool = True
+    """Once a drained managed replica is empty (or its deadline passed), restart it on
+    this machine: the local provider's replacement."""
+
+
 class ControlConfig(_Frozen):
     """The authenticated control API under ``/admin``."""
 
@@ -147,6 +165,7 @@ class Config(_Frozen):
     llama_server: LlamaServerConfig = LlamaServerConfig()
     continuity: ContinuityConfig = ContinuityConfig()
     control: ControlConfig = ControlConfig()
+    spot: SpotConfig = SpotConfig()
     models: Annotated[tuple[ModelConfig, ...], Field(min_length=1)] = (
         ModelConfig(name=DEFAULT_MODEL_NAME),
     )

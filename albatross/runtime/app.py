@@ -21,6 +21,7 @@ from albatross.gateway.metrics import Metrics
 from albatross.runtime.handlers import Api
 from albatross.runtime.pool import Pool
 from albatross.runtime.registry import Registry
+from albatross.runtime.spot import SpotController
 from albatross.supervisor.supervisor import ReplicaSpec, Supervisor
 
 log = logging.getLogger("albatross")
@@ -92,7 +93,8 @@ class App:
             for j, url in enumerate(m.endpoints):
                 self.pool.add(f"{m.name}/ext{j}", m.name, managed=False, base_url=url)
         self.supervisor = Supervisor(specs, config.supervisor, self.pool, _probe)
-        self.api = Api(config, self.pool, self.metrics, self.registry)
+        self.spot = SpotController(config.spot, self.pool, self.registry, self.supervisor)
+        self.api = Api(config, self.pool, self.metrics, self.registry, self.spot)
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -110,6 +112,8 @@ class App:
         await self.supervisor.start()
         self._tasks.append(asyncio.create_task(self._check_health(), name="health-checks"))
         self._tasks.append(asyncio.create_task(self.registry.watch(), name="stream-watchdog"))
+        if self.config.spot.source != "none":
+            self._tasks.append(asyncio.create_task(self.spot.run(), name="preemption-notices"))
         g = self.config.gateway
         self._server = await serve(self.api, error_response, g.host, g.port, g.max_body_bytes)
 

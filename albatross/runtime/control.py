@@ -8,6 +8,7 @@
 | ``POST /admin/drain`` | ``{"replica": ID}`` | no new requests; move its streams off |
 | ``POST /admin/undrain`` | ``{"replica": ID}`` | back into the pool |
 | ``POST /admin/move`` | ``{"request": ID, "to": ID?, "path": "auto"?}`` | move one stream |
+| ``POST /admin/preempt`` | ``{"replica": ID?, "deadline_s": 30?}`` | a preemption notice: deadline-aware drain, then replacement |
 
 Replica ids contain ``/`` (``model/0``), so they travel in bodies, not paths. Without a
 configured token the API answers 403: it moves other people's streams.
@@ -23,21 +24,32 @@ import orjson
 
 from albatross.config import Config
 from albatross.core.continuity import MovePath
-from albatross.core.errors import Forbidden, InvalidField, MethodNotAllowed, NotFound, Unauthorized
+from albatross.core.errors import (
+    Conflict,
+    Forbidden,
+    InvalidField,
+    MethodNotAllowed,
+    NotFound,
+    Unauthorized,
+)
 from albatross.gateway.http import Request
 from albatross.runtime.pool import Pool, Replica
 from albatross.runtime.registry import Registry
+from albatross.runtime.spot import SpotController
 from albatross.runtime.stream import StreamSession
 
 _PATHS = ("auto", "kv", "prewarm", "reprefill")
 
 
 class Control:
-    def __init__(self, config: Config, pool: Pool, registry: Registry) -> None:
+    def __init__(
+        self, config: Config, pool: Pool, registry: Registry, spot: SpotController | None = None
+    ) -> None:
         token = config.control.token or os.environ.get("ALBATROSS_CONTROL_TOKEN") or None
         self._token = token.encode() if token else None
         self.pool = pool
         self.registry = registry
+        self.spot = spot
 
     async def __call__(self, req: Request) -> None:
         self._authorize(req)
@@ -56,6 +68,7 @@ class Control:
             "/admin/drain": ("POST", self._drain),
             "/admin/undrain": ("POST", self._undrain),
             "/admin/move": ("POST", self._move),
+            "/admin/preempt": ("POST", self._preempt),
         }.get(path)
         if route is None:
             raise NotFound(f"no control route {req.path}")
@@ -106,6 +119,17 @@ class Control:
         r = self._replica(_body(req))
         self.pool.undrain(r.replica_id)
         _reply(req, {"replica": r.replica_id, "state": r.health.state.value})
+
+    async def _preempt(self, req: Request) -> None:
+        if self.spot is None or self.spot.cfg.source == "none":
+            raise Conflict("preemption handling is off (spot.source = none)")
+        body = _body(req)
+        rid = self._replica(body).replica_id if body.get("replica") is not None else None
+        lead = body.get("deadline_s", self.spot.cfg.default_lead_s)
+        if not isinstance(lead, int | float) or isinstance(lead, bool) or not 0 < lead <= 3600:
+            raise InvalidField("deadline_s", lead, "must be a number of seconds in (0, 3600]")
+        ids = self.spot.preempt(rid, float(lead), "control API")
+        _reply(req, {"replicas": ids, "deadline_s": lead})
 
     async def _move(self, req: Request) -> None:
         from albatross.runtime.moves import move

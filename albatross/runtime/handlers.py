@@ -35,13 +35,21 @@ from albatross.gateway.sse import Encoder
 from albatross.runtime.control import Control
 from albatross.runtime.pool import Pool, Replica
 from albatross.runtime.registry import Registry
+from albatross.runtime.spot import SpotController
 from albatross.runtime.stream import Services, StreamSession
 
 _Route = Callable[[Request], Awaitable[None]]
 
 
 class Api:
-    def __init__(self, config: Config, pool: Pool, metrics: Metrics, registry: Registry) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pool: Pool,
+        metrics: Metrics,
+        registry: Registry,
+        spot: SpotController | None = None,
+    ) -> None:
         self.config = config
         self.pool = pool
         self.metrics = metrics
@@ -49,7 +57,7 @@ class Api:
         self.services = Services(
             pool, metrics, config.continuity, config.gateway.first_token_timeout_s, registry
         )
-        self.control = Control(config, pool, registry)
+        self.control = Control(config, pool, registry, spot)
         g = config.gateway
         self._limits = Limits(g.max_tokens_default, g.max_tokens_limit)
         self._routes: dict[str, dict[str, _Route]] = {

@@ -170,7 +170,6 @@ class StreamSession:
     _cut: asyncio.Future[Cut] | None = None
     _gap_since: float | None = None
     _gap_path: str = ""
-    _move_task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.continuable = self.journal.params.continuable
