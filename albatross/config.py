@@ -53,8 +53,12 @@ class SupervisorConfig(_Frozen):
     """A replica that does not answer its health endpoint within this time is restarted."""
     health_interval_s: Annotated[float, Field(gt=0)] = 1.0
     """Period of health checks on ready replicas."""
+    health_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    """How long a health check of a ready replica may take: an engine busy with many
+    streams answers slowly, and restarting it for that would move all of them."""
     health_failures: Annotated[int, Field(ge=1)] = 3
-    """Consecutive failed checks after which a replica leaves the pool."""
+    """Consecutive failed checks after which a replica is restarted (managed) or leaves
+    the pool until it passes again (external endpoints)."""
     restart_backoff_initial_s: Annotated[float, Field(gt=0)] = 0.5
     restart_backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
     stop_grace_s: Annotated[float, Field(ge=0)] = 5.0
@@ -70,7 +74,7 @@ class SupervisorConfig(_Frozen):
 class ContinuityConfig(_Frozen):
     """How streams survive their replica (see README: Stream continuity)."""
 
-    max_migrations: Annotated[int, Field(ge=0, le=100)] = 5
+    max_migrations: Annotated[int, Field(ge=0, le=100)] = 8
     """Moves one request may make; after that a failure ends its stream with an error."""
     stall_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     """A replica that sends no token for this long is treated as failed."""
@@ -139,6 +143,11 @@ class ModelConfig(_Frozen):
     ctx_size: Annotated[int, Field(ge=128)] = 4096
     parallel: Annotated[int, Field(ge=1, le=256)] = 4
     """Concurrent sequences per replica (llama-server ``-np``)."""
+    numerics: Literal["fast", "exact"] = "fast"
+    """``exact``: managed replicas run with ``-ub 1 -fa off -ctk f32 -ctv f32`` so a
+    re-prefilled continuation is bit-identical to step-by-step decoding (at a cost in
+    prefill speed and batching). ``fast``: llama-server's defaults; KV-cache moves stay
+    exact, re-prefill may flip greedy near-ties (see README: Exactness)."""
     extra_args: tuple[str, ...] = ()
     """Further llama-server arguments, passed as they are (never through a shell)."""
 

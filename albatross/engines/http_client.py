@@ -65,6 +65,7 @@ class EngineConnection(asyncio.Protocol):
         self._on_read_done: Callable[[], None] | None = None
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        self._reuse = True
 
     def send(
         self,
@@ -73,8 +74,10 @@ class EngineConnection(asyncio.Protocol):
         on_body: Callable[[bytes], None],
         on_end: Callable[[EngineError | None], None],
         on_read_done: Callable[[], None] | None = None,
+        reuse: bool = True,
     ) -> None:
         assert self.transport is not None and self._ended
+        self._reuse = reuse
         self._on_head, self._on_body, self._on_end, self._on_read_done = (
             on_head,
             on_body,
@@ -129,7 +132,7 @@ class EngineConnection(asyncio.Protocol):
             self._on_body(body)
 
     def on_message_complete(self) -> None:
-        reusable = self._parser.should_keep_alive() and not self._ended
+        reusable = self._reuse and self._parser.should_keep_alive() and not self._ended
         self._end(None)
         if reusable and self._pool is not None:
             self._pool.release(self)
@@ -180,13 +183,16 @@ class ConnectionPool:
         on_end: Callable[[EngineError | None], None],
         on_read_done: Callable[[], None] | None = None,
         connect_timeout_s: float = 5.0,
+        reuse: bool = True,
     ) -> EngineConnection:
         """Send ``request`` on an idle or new connection; raises :class:`EngineError`
-        if the engine is unreachable."""
+        if the engine is unreachable. ``reuse=False``: a new connection, closed after
+        the response (llama-server closes its side after a streamed response although
+        it announces keep-alive, so such a connection must not go back to the pool)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         conn: EngineConnection | None = None
-        while self._idle:
+        while reuse and self._idle:
             t, c = self._idle.pop()
             if now - t < self._idle_s and c.usable():
                 conn = c
@@ -207,7 +213,7 @@ class ConnectionPool:
                     f"engine {self.host}:{self.port} unreachable: {exc.strerror or exc}"
                 ) from exc
             self.connects += 1
-        conn.send(request, on_head, on_body, on_end, on_read_done)
+        conn.send(request, on_head, on_body, on_end, on_read_done, reuse)
         return conn
 
     def release(self, conn: EngineConnection) -> None:

@@ -159,7 +159,7 @@ class _SSEGeneration:
             self._fail(error or EngineError("engine ended the stream without a final event"))
 
     def _finish(self, ev: dict[str, Any]) -> None:
-        # The connection stays open: the end of the response returns it to the pool.
+        # The engine closes the connection once the response has ended.
         self._done = True
         timings = ev.get("timings") or {}
         self._sink.on_finish(
@@ -275,8 +275,8 @@ class LlamaServerClient:
     ) -> Generation:
         gen = _SSEGeneration(cont.start, sink)
         body = orjson.dumps(completion_body(cont, slot))
-        req = build_request("POST", self.host, self.port, "/completion", body, keep_alive=True)
+        req = build_request("POST", self.host, self.port, "/completion", body, keep_alive=False)
         gen._proto = await self.pool.exchange(
-            req, gen.on_head, gen.on_body, gen.on_end, gen.on_read_done
+            req, gen.on_head, gen.on_body, gen.on_end, gen.on_read_done, reuse=False
         )
         return gen

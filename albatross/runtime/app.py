@@ -35,6 +35,11 @@ class EngineFiles:
     model_paths: dict[str, Path]
 
 
+EXACT_NUMERICS = ("-ub", "1", "-fa", "off", "-ctk", "f32", "-ctv", "f32")
+"""One token per micro-batch (prefill computes like decoding), no flash attention, f32
+KV cache: continuations by re-prefill then match an uninterrupted run bit for bit."""
+
+
 def llama_server_argv(
     binary: Path, model_path: Path, m: ModelConfig, slot_dir: Path
 ) -> Callable[[int], list[str]]:
@@ -52,6 +57,7 @@ def llama_server_argv(
             # One directory for every managed replica: a slot saved by one can be
             # restored by another (KV-cache moves).
             "--slot-save-path", str(slot_dir.resolve()),
+            *(EXACT_NUMERICS if m.numerics == "exact" else ()),
             *m.extra_args,
         ]  # fmt: skip
 

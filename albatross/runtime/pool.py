@@ -123,23 +123,33 @@ class Pool:
             cb(replica_id, False)
 
     # ---- routing -------------------------------------------------------------
-    def try_acquire(self, model: str, exclude: frozenset[str] = frozenset()) -> Replica | None:
-        """The least-loaded ready replica of ``model``, avoiding ``exclude`` unless it
-        is all there is. The caller must :meth:`release` it."""
-        mine = [r for r in self.replicas.values() if r.model == model and r.client is not None]
-        rid = pick(
-            (
-                Candidate(r.replica_id, r.health.state, r.in_flight)
-                for r in mine
-                if r.replica_id not in exclude
-            ),
-            self._last.get(model),
-        )
-        if rid is None and exclude:
+    def try_acquire(
+        self, model: str, exclude: frozenset[str] = frozenset(), avoid: frozenset[str] = frozenset()
+    ) -> Replica | None:
+        """The least-loaded ready replica of ``model``; the caller must :meth:`release` it.
+
+        Replicas with a free slot come first (a stream beyond a replica's slots waits
+        inside that engine and is not rebalanced when another replica comes back).
+        ``exclude`` is avoided unless nothing else is ready; ``avoid`` always (a
+        replica that just failed may still look ready for a moment).
+        """
+        mine = [
+            r
+            for r in self.replicas.values()
+            if r.model == model and r.client is not None and r.replica_id not in avoid
+        ]
+        rid = None
+        for pool in (
+            [r for r in mine if r.replica_id not in exclude and (r.free_slots or not r.slots)],
+            [r for r in mine if r.replica_id not in exclude],
+            mine,
+        ):
             rid = pick(
-                (Candidate(r.replica_id, r.health.state, r.in_flight) for r in mine),
+                (Candidate(r.replica_id, r.health.state, r.in_flight) for r in pool),
                 self._last.get(model),
             )
+            if rid is not None:
+                break
         if rid is None:
             return None
         self._last[model] = rid
@@ -148,14 +158,18 @@ class Pool:
         return r
 
     async def acquire(
-        self, model: str, timeout_s: float, exclude: frozenset[str] = frozenset()
+        self,
+        model: str,
+        timeout_s: float,
+        exclude: frozenset[str] = frozenset(),
+        avoid: frozenset[str] = frozenset(),
     ) -> Replica:
         """A ready replica of ``model`` (least loaded), waiting up to ``timeout_s`` for one.
 
         Raises :class:`NoReplicaAvailable` when none becomes ready in time. The caller
         must :meth:`release` it.
         """
-        r = self.try_acquire(model, exclude)
+        r = self.try_acquire(model, exclude, avoid)
         if r is not None:
             return r
         try:
@@ -163,7 +177,7 @@ class Pool:
                 while r is None:
                     self._changed.clear()
                     await self._changed.wait()
-                    r = self.try_acquire(model, exclude)
+                    r = self.try_acquire(model, exclude, avoid)
         except TimeoutError as exc:
             raise NoReplicaAvailable(
                 f"no healthy replica of {model!r} became available within {timeout_s:g}s"

@@ -30,6 +30,7 @@ from albatross.core.errors import (
     EngineError,
     EngineLost,
     EngineTimeout,
+    InternalError,
     InvalidField,
     NoReplicaAvailable,
 )
@@ -201,7 +202,14 @@ class StreamSession:
         pool, cfg = self.services.pool, self.services.continuity
         tried: set[str] = set()
         while True:
-            cut = await self._run_leg(replica, slot, path, reason)
+            try:
+                cut = await self._run_leg(replica, slot, path, reason)
+            except Exception:
+                # A bug must not leak the replica's slot or cut the client off mid-body.
+                log.exception("%s: unexpected error in a leg on %s", self.request_id, replica.replica_id)
+                pool.release(replica, slot)
+                self._fail(InternalError("internal error while generating; see the gateway log"))
+                return
             if cut.kind in ("finished", "client_gone"):
                 pool.release(replica, slot)
                 return
@@ -214,6 +222,8 @@ class StreamSession:
                     if not await transfer_kv(self, replica, slot, mv):
                         mv.path = MovePath.REPREFILL
                 pool.release(replica, slot)
+                # The cut may fall inside a split character: continue at the frontier.
+                self.journal.rewind_to_frontier()
                 replica, slot, path, reason = mv.target, mv.slot, mv.path, mv.reason
                 continue
             # An unplanned failure: continue from the journal on another replica.
@@ -252,7 +262,10 @@ class StreamSession:
             tried.add(replica.replica_id)
             try:
                 replica = await pool.acquire(
-                    self.model, self.services.first_token_timeout_s, frozenset(tried)
+                    self.model,
+                    self.services.first_token_timeout_s,
+                    frozenset(tried),
+                    avoid=frozenset({replica.replica_id}),
                 )
             except NoReplicaAvailable as exc:
                 self.services.metrics.continuation_failures.labels(cut.reason.value).inc()

@@ -364,7 +364,8 @@ class Supervisor:
             await asyncio.wait({exited}, timeout=interval)
             if exited.done():
                 return describe_returncode(exited.result())
-            if await self._probe(base_url, interval):
+            # A busy engine answers /health slowly; only a long silence counts.
+            if await self._probe(base_url, self._config.health_timeout_s):
                 failures = 0
                 continue
             failures += 1

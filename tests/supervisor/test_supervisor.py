@@ -36,6 +36,7 @@ FAKE_ENGINE = str(Path(__file__).with_name("fake_engine.py"))
 CONFIG = SupervisorConfig(
     ready_timeout_s=3.0,
     health_interval_s=0.1,
+    health_timeout_s=0.2,
     health_failures=2,
     restart_backoff_initial_s=0.2,
     restart_backoff_max_s=0.8,
