@@ -112,6 +112,7 @@ def start_managed(
     restart_backoff_s: float = 0.5,
     max_tokens_limit: int = 8192,
     work: Path | None = None,
+    numerics: str = "fast",
 ) -> Managed:
     """``albatross serve`` over ``replicas`` managed llama-servers of ``model_path``
     (``parallel`` slots of ``ctx_size`` tokens each), control API on; returns once every
@@ -135,6 +136,7 @@ def start_managed(
         f'[llama_server]\nbinary = "{binary}"\n\n'
         f'[[models]]\nname = "{MODEL_NAME}"\npath = "{model_path}"\nreplicas = {replicas}\n'
         f"threads = {threads}\nctx_size = {ctx_size}\nparallel = {parallel}\n"
+        f'numerics = "{numerics}"\n'
     )
     admin = Admin(url)
     # Registered before the gateway's own stop, so it runs after it.

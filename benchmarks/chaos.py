@@ -472,6 +472,12 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--max-migrations", type=int, default=20)
     p.add_argument(
+        "--numerics",
+        choices=("exact", "fast"),
+        default="exact",
+        help="the replicas' numerics (exact: re-prefill is bit-identical to decoding)",
+    )
+    p.add_argument(
         "--backoff", type=float, default=0.5, help="supervisor.restart_backoff_initial_s"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -511,6 +517,7 @@ def main() -> int:
             max_migrations=args.max_migrations,
             restart_backoff_s=args.backoff,
             work=tmp,
+            numerics=args.numerics,
         )
         print(
             f"setup: gateway pid {gw.gateway_pid} on {gw.url}, {args.replicas} managed replicas "
