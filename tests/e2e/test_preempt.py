@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.engine]
 
 TOKEN = "preempt-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-LENGTHS = [20, 40, 700, 700, 900, 30]
+LENGTHS = [20, 40, 1000, 1000, 1100, 30]
+DEADLINE_S = "1.5"  # 1000 tokens cannot fit in 1.5 - 0.5 s on this model: they must move
 
 
 def _stream(url: str, prompt: str, n: int, out: dict[str, object]) -> None:
@@ -76,17 +77,20 @@ def test_preemption_notice_drains_by_deadline_and_replaces_the_replica(
         ]
         for t in threads:
             t.start()
-        assert wait_until(lambda: len(c.get("/admin/requests").json()["requests"]) >= 4, 20)
+        assert wait_until(
+            lambda: sum(r["max_tokens"] >= 1000 for r in c.get("/admin/requests").json()["requests"]) == 3, 20
+        )
         live = c.get("/admin/requests").json()["requests"]
         by_replica: dict[str, int] = {}
-        for r in live:
-            by_replica[r["replica"]] = by_replica.get(r["replica"], 0) + 1
+        for r in live:  # where the long streams are: those cannot finish by the deadline
+            if r["max_tokens"] >= 1000 and r["replica"]:
+                by_replica[r["replica"]] = by_replica.get(r["replica"], 0) + 1
         victim = max(by_replica, key=lambda k: by_replica[k])
         old_pid = next(r["pid"] for r in c.get("/admin/replicas").json()["replicas"] if r["id"] == victim)
 
         env = dict(os.environ, ALBATROSS_CONTROL_TOKEN=TOKEN)
         cli = subprocess.run(
-            [ALBATROSS, "preempt", "--replica", victim, "--deadline-s", "4", "--url", served.url],
+            [ALBATROSS, "preempt", "--replica", victim, "--deadline-s", DEADLINE_S, "--url", served.url],
             env=env, capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
         assert cli.returncode == 0, cli.stderr
@@ -116,7 +120,11 @@ def test_preemption_notice_drains_by_deadline_and_replaces_the_replica(
             assert "error" not in o, (i, o)
             assert o["text"] == ref["choices"][0]["text"], f"stream {i} differs"
         metrics = c.get("/metrics").text
-        assert metric_value(metrics, "albatross_migrations_total", reason="drained", path="kv") >= 1
+        drained = sum(
+            metric_value(metrics, "albatross_migrations_total", reason="drained", path=p)
+            for p in ("kv", "prewarm", "reprefill")
+        )
+        assert drained >= 1, metrics
         # The replacement: the same replica id, a new process, back in the pool.
         assert wait_until(
             lambda: any(
