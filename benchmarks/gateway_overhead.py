@@ -52,8 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +65,7 @@ import _loadgen as lg
 
 from albatross.config import LlamaServerConfig
 from albatross.engines.llama_build import llama_server_binary
-from albatross.testing.llama import free_port, running_llama_server
+from albatross.testing.llama import free_port, healthy, log_tail, running_llama_server
 from albatross.testing.tinymodel import make_tiny_model
 
 MODEL_NAME = "tiny"
@@ -110,21 +108,6 @@ def _pids_listening(binary: Path, ports: list[int]) -> dict[int, int]:
     return found
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=1.0) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_bytes()[-n:].decode("utf-8", "replace")
-    except OSError:
-        return "(no log)"
-
-
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process group, wait, then SIGKILL it."""
     if proc.poll() is None:
@@ -161,14 +144,14 @@ def start_gateway(
         )
     stack.callback(_stop, proc)
     deadline = time.monotonic() + GATEWAY_READY_TIMEOUT_S
-    while not _healthy(url):
+    while not healthy(url):
         if proc.poll() is not None:
             raise GatewayStartError(
-                f"gateway exited with {proc.returncode}; log {log}:\n{_tail(log)}"
+                f"gateway exited with {proc.returncode}; log {log}:\n{log_tail(log)}"
             )
         if time.monotonic() > deadline:
             raise GatewayStartError(
-                f"gateway not healthy after {GATEWAY_READY_TIMEOUT_S:g} s; log {log}:\n{_tail(log)}"
+                f"gateway not healthy after {GATEWAY_READY_TIMEOUT_S:g} s; log {log}:\n{log_tail(log)}"
             )
         time.sleep(0.05)
     return proc

@@ -41,7 +41,8 @@ def free_port() -> int:
         return port
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
+    """``GET url/health`` answers 200 (False while refused or loading)."""
     try:
         with urllib.request.urlopen(url + "/health", timeout=1.0) as resp:
             return bool(resp.status == 200)
@@ -50,7 +51,8 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _tail(path: Path, n: int = 2000) -> str:
+def log_tail(path: Path, n: int = 2000) -> str:
+    """The last ``n`` bytes of a log, for error messages."""
     try:
         return path.read_bytes()[-n:].decode("utf-8", "replace")
     except OSError:
@@ -90,16 +92,16 @@ def running_llama_server(
         )  # fmt: skip
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _healthy(url):
+        while not healthy(url):
             if proc.poll() is not None:
                 raise LlamaServerStartError(
                     f"llama-server exited with {proc.returncode}; log {log_path}:\n"
-                    + _tail(log_path)
+                    + log_tail(log_path)
                 )
             if time.monotonic() > deadline:
                 raise LlamaServerStartError(
                     f"llama-server not healthy after {READY_TIMEOUT_S:.0f} s; log {log_path}:\n"
-                    + _tail(log_path)
+                    + log_tail(log_path)
                 )
             time.sleep(0.05)
         yield url
