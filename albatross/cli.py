@@ -121,18 +121,10 @@ def check_config(config: Annotated[Path, typer.Argument(help="TOML config file."
     print(cfg.model_dump_json(indent=2))
 
 
-@app.command()
-def preempt(
-    replica: Annotated[
-        str | None, typer.Option(help="Replica id; default: every managed replica.")
-    ] = None,
-    deadline_s: Annotated[float, typer.Option(help="Seconds until the replica goes away.")] = 30.0,
-    url: Annotated[str, typer.Option(help="The gateway.")] = "http://127.0.0.1:8000",
-    token: Annotated[
-        str | None, typer.Option(envvar="ALBATROSS_CONTROL_TOKEN", help="Control API token.")
-    ] = None,
-) -> None:
-    """Send a preemption notice to a running gateway (as a spot notice would)."""
+def _control_call(
+    url: str, token: str | None, method: str, path: str, body: dict[str, object] | None = None
+) -> str:
+    """One control API call from the command line; exits 2 without a token, 1 on failure."""
     import json
     import urllib.error
     import urllib.request
@@ -143,21 +135,64 @@ def preempt(
             file=sys.stderr,
         )
         raise typer.Exit(EXIT_CONFIG)
-    body = json.dumps({"replica": replica, "deadline_s": deadline_s}).encode()
     req = urllib.request.Request(
-        url.rstrip("/") + "/admin/preempt",
-        data=body,
+        url.rstrip("/") + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
-            print(r.read().decode())
+            return str(r.read().decode())
     except urllib.error.HTTPError as exc:
         print(f"albatross: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILURE) from exc
     except (urllib.error.URLError, OSError) as exc:
         print(f"albatross: cannot reach {url}: {exc}", file=sys.stderr)
         raise typer.Exit(EXIT_FAILURE) from exc
+
+
+_URL = Annotated[str, typer.Option(help="The gateway.")]
+_TOKEN = Annotated[
+    str | None, typer.Option(envvar="ALBATROSS_CONTROL_TOKEN", help="Control API token.")
+]
+
+
+@app.command()
+def preempt(
+    replica: Annotated[
+        str | None, typer.Option(help="Replica id; default: every managed replica.")
+    ] = None,
+    deadline_s: Annotated[float, typer.Option(help="Seconds until the replica goes away.")] = 30.0,
+    url: _URL = "http://127.0.0.1:8000",
+    token: _TOKEN = None,
+) -> None:
+    """Send a preemption notice to a running gateway (as a spot notice would)."""
+    print(
+        _control_call(
+            url, token, "POST", "/admin/preempt", {"replica": replica, "deadline_s": deadline_s}
+        )
+    )
+
+
+@app.command()
+def cost(url: _URL = "http://127.0.0.1:8000", token: _TOKEN = None) -> None:
+    """Spend so far, what on-demand instances would have cost, and the savings."""
+    import json
+
+    data = json.loads(_control_call(url, token, "GET", "/admin/cost"))
+    head = f"{'replica':<32} {'type':<12} {'uptime h':>9} {'tokens':>10} {'preempt':>7} {'spend':>10} {'on-demand':>10} {'savings':>10}"
+    print(head)
+    for r in data["replicas"]:
+        print(
+            f"{r['replica']:<32} {r['instance_type']:<12} {r['uptime_s'] / 3600:>9.3f} {r['tokens']:>10} "
+            f"{r['preemptions_survived']:>7} {r['spend']:>10.4f} {r['on_demand_equivalent']:>10.4f} {r['savings']:>10.4f}"
+        )
+    t = data["total"]
+    ratio = "" if t["savings_ratio"] is None else f" ({100 * t['savings_ratio']:.0f}%)"
+    print(
+        f"total: spend {t['spend']:.4f}, on-demand {t['on_demand_equivalent']:.4f}, savings {t['savings']:.4f}{ratio}"
+    )
 
 
 def main() -> None:

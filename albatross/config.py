@@ -143,6 +143,11 @@ class ModelConfig(_Frozen):
     ctx_size: Annotated[int, Field(ge=128)] = 4096
     parallel: Annotated[int, Field(ge=1, le=256)] = 4
     """Concurrent sequences per replica (llama-server ``-np``)."""
+    instance_type: str = "local"
+    """For the cost ledger: what each replica runs on."""
+    price_spot_per_hour: Annotated[float, Field(ge=0)] = 0.0
+    price_on_demand_per_hour: Annotated[float, Field(ge=0)] = 0.0
+    """Prices per replica-hour for the cost ledger (``GET /admin/cost``, ``albatross cost``)."""
     numerics: Literal["fast", "exact"] = "fast"
     """``exact``: managed replicas run with ``-ub 1 -fa off -ctk f32 -ctv f32`` so a
     re-prefilled continuation is bit-identical to step-by-step decoding (at a cost in

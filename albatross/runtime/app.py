@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from albatross.config import Config, ModelConfig
+from albatross.core.cost import Price
 from albatross.core.errors import AlbatrossError
 from albatross.core.replicas import Event, ReplicaState
 from albatross.engines.llama_server import LlamaServerClient
@@ -64,6 +65,10 @@ def llama_server_argv(
     return argv
 
 
+def _price(m: ModelConfig) -> Price:
+    return Price(m.price_spot_per_hour, m.price_on_demand_per_hour)
+
+
 async def _probe(base_url: str) -> bool:
     client = LlamaServerClient(base_url)
     try:
@@ -85,7 +90,14 @@ class App:
         for m in config.models:
             for i in range(m.replicas):
                 rid = f"{m.name}/{i}"
-                self.pool.add(rid, m.name, managed=True, slots=m.parallel)
+                self.pool.add(
+                    rid,
+                    m.name,
+                    managed=True,
+                    slots=m.parallel,
+                    instance_type=m.instance_type,
+                    price=_price(m),
+                )
                 assert files.llama_server is not None
                 specs.append(
                     ReplicaSpec(
@@ -97,7 +109,14 @@ class App:
                     )
                 )
             for j, url in enumerate(m.endpoints):
-                self.pool.add(f"{m.name}/ext{j}", m.name, managed=False, base_url=url)
+                self.pool.add(
+                    f"{m.name}/ext{j}",
+                    m.name,
+                    managed=False,
+                    base_url=url,
+                    instance_type=m.instance_type,
+                    price=_price(m),
+                )
         self.supervisor = Supervisor(specs, config.supervisor, self.pool, _probe)
         self.spot = SpotController(config.spot, self.pool, self.registry, self.supervisor)
         self.api = Api(config, self.pool, self.metrics, self.registry, self.spot)

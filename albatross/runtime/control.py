@@ -8,6 +8,7 @@
 | ``POST /admin/drain`` | ``{"replica": ID}`` | no new requests; move its streams off |
 | ``POST /admin/undrain`` | ``{"replica": ID}`` | back into the pool |
 | ``POST /admin/move`` | ``{"request": ID, "to": ID?, "path": "auto"?}`` | move one stream |
+| ``GET /admin/cost`` | | per replica: uptime, tokens, preemptions, spend vs on demand |
 | ``POST /admin/preempt`` | ``{"replica": ID?, "deadline_s": 30?}`` | a preemption notice: deadline-aware drain, then replacement |
 
 Replica ids contain ``/`` (``model/0``), so they travel in bodies, not paths. Without a
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import hmac
 import os
+import time
 from typing import Any
 
 import orjson
 
 from albatross.config import Config
 from albatross.core.continuity import MovePath
+from albatross.core.cost import fleet_summary
 from albatross.core.errors import (
     Conflict,
     Forbidden,
@@ -69,6 +72,7 @@ class Control:
             "/admin/undrain": ("POST", self._undrain),
             "/admin/move": ("POST", self._move),
             "/admin/preempt": ("POST", self._preempt),
+            "/admin/cost": ("GET", self._cost),
         }.get(path)
         if route is None:
             raise NotFound(f"no control route {req.path}")
@@ -119,6 +123,9 @@ class Control:
         r = self._replica(_body(req))
         self.pool.undrain(r.replica_id)
         _reply(req, {"replica": r.replica_id, "state": r.health.state.value})
+
+    async def _cost(self, req: Request) -> None:
+        _reply(req, fleet_summary([r.ledger for r in self.pool.replicas.values()], time.time()))
 
     async def _preempt(self, req: Request) -> None:
         if self.spot is None or self.spot.cfg.source == "none":

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from albatross.core.cost import Price, ReplicaLedger
 from albatross.core.errors import NoReplicaAvailable
 from albatross.core.replicas import (
     Candidate,
@@ -25,6 +27,7 @@ from albatross.engines.llama_server import LlamaServerClient
 from albatross.gateway.metrics import Metrics
 
 log = logging.getLogger("albatross.pool")
+_FREE = Price()
 _STATES = tuple(s.value for s in ReplicaState)
 
 
@@ -42,6 +45,10 @@ class Replica:
     in_flight: int = 0
     pid: int | None = None
     free_slots: list[int] = field(default_factory=list)
+    ledger: ReplicaLedger = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = ReplicaLedger(self.replica_id, "unknown", _FREE)
 
     def reset_slots(self, n: int) -> None:
         self.slots = n
@@ -74,12 +81,15 @@ class Pool:
         managed: bool,
         base_url: str | None = None,
         slots: int = 0,
+        instance_type: str = "local",
+        price: Price = _FREE,
     ) -> Replica:
         r = Replica(
             replica_id, model, managed, client=LlamaServerClient(base_url) if base_url else None
         )
         r.shared_slot_dir = managed
         r.reset_slots(slots)
+        r.ledger = ReplicaLedger(replica_id, instance_type, price)
         self.replicas[replica_id] = r
         self._publish(r)
         return r
@@ -101,6 +111,11 @@ class Pool:
         self._changed.set()
 
     def _publish(self, r: Replica) -> None:
+        # Paid for while it runs (ready, unhealthy or draining), not while down/starting.
+        if r.health.state in (ReplicaState.READY, ReplicaState.UNHEALTHY, ReplicaState.DRAINING):
+            r.ledger.up(time.time())
+        else:
+            r.ledger.down(time.time())
         self._metrics.set_replica_state(r.model, r.replica_id, r.health.state.value, _STATES)
 
     # ---- supervisor listener -------------------------------------------------

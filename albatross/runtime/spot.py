@@ -100,6 +100,7 @@ class SpotController:
         fresh = [rid for rid in ids if rid not in self.drains]
         for rid in fresh:
             self.drains[rid] = deadline
+            self.pool.replicas[rid].ledger.preemptions += 1
             self.pool.apply(rid, Event.DRAIN)  # stop admitting at once
         if fresh:
             log.warning(

@@ -206,7 +206,9 @@ class StreamSession:
                 cut = await self._run_leg(replica, slot, path, reason)
             except Exception:
                 # A bug must not leak the replica's slot or cut the client off mid-body.
-                log.exception("%s: unexpected error in a leg on %s", self.request_id, replica.replica_id)
+                log.exception(
+                    "%s: unexpected error in a leg on %s", self.request_id, replica.replica_id
+                )
                 pool.release(replica, slot)
                 self._fail(InternalError("internal error while generating; see the gateway log"))
                 return
@@ -306,6 +308,7 @@ class StreamSession:
                 leg.gen.cancel()
         cut = await self._cut
         self.leg = None
+        replica.ledger.tokens += max(0, len(self.journal) - info.start)
         if leg.gen is not None and not leg.engine_done:
             leg.gen.cancel()  # also after a stop sequence: the engine is still generating
         if cut.kind in ("failed", "moved") and self._gap_since is None:

@@ -59,7 +59,8 @@ def test_preemption_notice_drains_by_deadline_and_replaces_the_replica(
         supervisor={"restart_backoff_initial_s": 0.2},
     )
     with cfg.open("a") as f:  # [[models]] is the last table: these keys belong to it
-        f.write('numerics = "exact"\n\n')
+        f.write('numerics = "exact"\ninstance_type = "c7i.large"\n')
+        f.write("price_spot_per_hour = 0.03\nprice_on_demand_per_hour = 0.09\n\n")
         f.write(f'[control]\ntoken = "{TOKEN}"\n\n[spot]\nmargin_s = 0.5\n\n')
         f.write(f'[continuity]\nslot_dir = "{tmp_path / "slots"}"\n')
     served = start_serve(cfg, tmp_path / "serve.log")
@@ -133,8 +134,17 @@ def test_preemption_notice_drains_by_deadline_and_replaces_the_replica(
             ),
             20,
         )
-        # The drain took about the notice, not the whole of the longest stream.
         assert "drain of" in served.log()
+        # The cost ledger saw it: the preemption survived, tokens served, savings at 2/3.
+        cost = subprocess.run(
+            [ALBATROSS, "cost", "--url", served.url], env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert cost.returncode == 0, cost.stderr
+        assert victim in cost.stdout and "(67%)" in cost.stdout
+        ledger = c.get("/admin/cost").json()
+        row = next(r for r in ledger["replicas"] if r["replica"] == victim)
+        assert row["preemptions_survived"] == 1 and row["instance_type"] == "c7i.large"
+        assert ledger["total"]["tokens"] >= sum(LENGTHS)
     finally:
         assert served.stop() == 0
 
