@@ -398,3 +398,12 @@ async def sse_stream(
 
 def fmt_ms(x: float) -> str:
     return "-" if x != x else f"{x * 1e3:.1f}"
+
+
+def keep_logs(logs: Path, name: str) -> Path:
+    """Copy a run's logs (the gateway's work dir is deleted at exit) to a kept folder."""
+    keep = Path(tempfile.mkdtemp(prefix=f"albatross-{name}-logs-"))
+    for f in logs.iterdir():
+        (keep / f.name).write_bytes(f.read_bytes())
+    print(f"logs kept in {keep}")
+    return keep

@@ -532,10 +532,7 @@ def main() -> int:
             raise
         finally:
             if rc != 0 or args.keep_logs:
-                keep = Path(tempfile.mkdtemp(prefix="albatross-chaos-logs-"))
-                for f in gw.logs.iterdir():
-                    (keep / f.name).write_bytes(f.read_bytes())
-                print(f"logs kept in {keep}")
+                st.keep_logs(gw.logs, "chaos")
     print(f"\ntook {time.monotonic() - t_start:.0f} s")
     return rc
 

@@ -308,10 +308,7 @@ def main() -> int:
             rc = uvloop.run(bench(args, gw))
         finally:
             if rc != 0:
-                keep = Path(tempfile.mkdtemp(prefix="albatross-preempt-logs-"))
-                for f in gw.logs.iterdir():
-                    (keep / f.name).write_bytes(f.read_bytes())
-                print(f"logs kept in {keep}")
+                st.keep_logs(gw.logs, "preempt")
     print(f"\ntook {time.monotonic() - t_start:.0f} s")
     return rc
 
