@@ -30,7 +30,7 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -80,6 +80,26 @@ class ReplicaListener(Protocol):
     def replica_lost(self, replica_id: str, reason: str) -> None:
         """The replica exited, crashed, failed its health checks, never got ready, or the
         supervisor is closing. Stop sending it requests."""
+
+
+class ReplicaImages(Protocol):
+    """Process images of replicas: warm restarts instead of cold starts (optional).
+
+    Implemented by :class:`albatross.checkpoint.engine.ReplicaCheckpointer`. When given
+    to the supervisor, every run of a replica that has an image restores it instead of
+    spawning the engine; a failed restore is logged and the run starts cold.
+    """
+
+    def has_image(self, replica_id: str) -> bool:
+        """An image to restore exists for the replica."""
+
+    async def checkpoint(self, replica_id: str, proc: EngineProcess, base_url: str) -> object:
+        """Dump ``proc`` into an image; the process ends. Raises if it cannot (the
+        process then keeps running). Returns a description of what was done."""
+
+    async def restore(self, replica_id: str, log_path: Path) -> tuple[EngineProcess, str]:
+        """Start the replica from its image: its process and base URL. Raises when
+        the image is missing, damaged or cannot be restored."""
 
 
 class SupervisorError(Exception):
@@ -133,6 +153,14 @@ class _Replica:
     failed_runs: int = 0
     """Runs in a row that ended without being ready; reset when a run gets ready."""
     last_reason: str | None = None
+    base_url: str | None = None
+    """Of the current run."""
+    parked: bool = False
+    """Checkpointed: not restarted until :meth:`Supervisor.restore` sets ``wake``."""
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    restore_next: bool = False
+    """The next run restores even if no image is known: a failure is then reported."""
+    became_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Supervisor:
@@ -149,6 +177,7 @@ class Supervisor:
         probe: Probe,
         *,
         host: str = "127.0.0.1",
+        images: ReplicaImages | None = None,
     ) -> None:
         """Raises ValueError for duplicate replica ids or back-off bounds with max < initial."""
         ids = [s.replica_id for s in specs]
@@ -160,6 +189,7 @@ class Supervisor:
         self._listener = listener
         self._probe_fn = probe
         self._host = host
+        self._images = images
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._closed = asyncio.Event()
@@ -236,6 +266,50 @@ class Supervisor:
         proc = self._replica(replica_id).proc
         return proc.pid if proc is not None and proc.returncode is None else None
 
+    async def checkpoint(self, replica_id: str) -> object:
+        """Dump the ready replica's engine into an image and park the replica.
+
+        The listener hears ``lost`` ("checkpointed"); the replica is not restarted
+        until :meth:`restore`. Returns the images' description of the outcome. Raises
+        RuntimeError without ``images``, or when the replica is not ready or already
+        checkpointed; errors of the dump propagate and the replica keeps running.
+        """
+        r = self._replica(replica_id)
+        if self._images is None:
+            raise RuntimeError("checkpoint needs a Supervisor created with images=")
+        proc, base_url = r.proc, r.base_url
+        if r.parked or proc is None or proc.returncode is not None or base_url is None:
+            raise RuntimeError(f"replica {replica_id!r} is not running; nothing to checkpoint")
+        r.wake.clear()
+        r.parked = True
+        try:
+            outcome = await self._images.checkpoint(replica_id, proc, base_url)
+        except BaseException:
+            r.parked = False
+            r.wake.set()  # in case the run ended meanwhile and waits parked
+            raise
+        await proc.wait()
+        return outcome
+
+    async def restore(self, replica_id: str) -> None:
+        """Start a checkpointed replica again, from its image (cold if that fails).
+
+        Returns once it is ready. Raises RuntimeError when the replica is not
+        checkpointed, SupervisorError when it is not ready within ``ready_timeout_s``
+        (the supervisor keeps trying, as for any lost replica).
+        """
+        r = self._replica(replica_id)
+        if not r.parked:
+            raise RuntimeError(f"replica {replica_id!r} is not checkpointed")
+        r.became_ready.clear()
+        r.wake.set()
+        try:
+            async with asyncio.timeout(self._config.ready_timeout_s):
+                await r.became_ready.wait()
+        except TimeoutError:
+            reason = f"not ready within {self._config.ready_timeout_s:g} s after restore"
+            raise SupervisorError(replica_id, reason, r.spec.log_path) from None
+
     async def kill(self, replica_id: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the replica's process group, as a crash would (chaos tests).
 
@@ -261,9 +335,16 @@ class Supervisor:
         try:
             while True:
                 reason = await self._run_once(r)
+                if r.parked:
+                    reason = f"checkpointed ({reason})"
                 logger.warning("replica %s lost: %s", r.spec.replica_id, reason)
                 self._report_lost(r, reason)
                 await self._stop_proc(r)
+                if r.parked:
+                    await r.wake.wait()  # until restore(); then no back-off
+                    r.parked = False
+                    r.restore_next = True
+                    continue
                 delay, r.backoff = r.backoff.down(loop.time())
                 if r.first_ready is not None and not r.first_ready.done():
                     r.failed_runs += 1
@@ -292,17 +373,22 @@ class Supervisor:
 
     async def _run_once(self, r: _Replica) -> str:
         """One run; returns why it ended. ``r.proc`` may still be running then."""
-        try:
-            port = _free_port(self._host)
-        except OSError as exc:
-            return f"cannot pick a free port on {self._host!r}: {exc}"
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        base_url = f"http://{host}:{port}"
-        try:
-            r.proc = await self._spawn(r, port)
-        except OSError as exc:
-            return f"cannot start the engine: {exc}"
+        restored = await self._restore(r)
+        if restored is not None:
+            r.proc, base_url = restored
+        else:
+            try:
+                port = _free_port(self._host)
+            except OSError as exc:
+                return f"cannot pick a free port on {self._host!r}: {exc}"
+            host = f"[{self._host}]" if ":" in self._host else self._host
+            base_url = f"http://{host}:{port}"
+            try:
+                r.proc = await self._spawn(r, port)
+            except OSError as exc:
+                return f"cannot start the engine: {exc}"
         proc = r.proc
+        r.base_url = base_url
         logger.info(
             "replica %s: started pid %d for %s (log: %s)",
             r.spec.replica_id,
@@ -330,6 +416,24 @@ class Supervisor:
             return await self._until_down(r.spec.replica_id, base_url, exited)
         finally:
             exited.cancel()
+
+    async def _restore(self, r: _Replica) -> tuple[EngineProcess, str] | None:
+        """The replica restored from its image, or None: no image, or the restore
+        failed (logged with the reason; the run then starts cold)."""
+        wanted, r.restore_next = r.restore_next, False
+        if self._images is None or not (wanted or self._images.has_image(r.spec.replica_id)):
+            return None
+        # Shielded like _spawn: a cancel must not orphan a restored engine.
+        restoring = asyncio.ensure_future(self._images.restore(r.spec.replica_id, r.spec.log_path))
+        try:
+            return await asyncio.shield(restoring)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await (await restoring)[0].stop(self._config.stop_grace_s)
+            raise
+        except Exception as exc:
+            logger.warning("replica %s: restore failed, starting cold: %s", r.spec.replica_id, exc)
+            return None
 
     async def _spawn(self, r: _Replica, port: int) -> EngineProcess:
         # Shielded: a cancel landing between fork and our getting the handle would leave
@@ -401,6 +505,7 @@ class Supervisor:
         if self._closing:
             return
         r.announced = True
+        r.became_ready.set()
         if r.first_ready is not None and not r.first_ready.done():
             r.first_ready.set_result(None)
         try:
