@@ -10,8 +10,9 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -44,29 +45,61 @@ def _resolve_files(config: Config) -> EngineFiles:
     return EngineFiles(binary, paths)
 
 
-async def _serve(config: Config, files: EngineFiles) -> None:
-    application = App(config, files)
-    stop = asyncio.Event()
+async def _until_signal(
+    start: Callable[[], Coroutine[Any, Any, None]],
+    stop: Callable[[], Awaitable[None]],
+    started: Callable[[], str],
+    stopping: str,
+) -> None:
+    """Run ``start()``; once it returns print ``started()``, wait for SIGINT/SIGTERM,
+    print ``stopping`` and run ``stop()``. A signal during start cancels it; an error
+    from start is raised after ``stop()``."""
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    starting = asyncio.create_task(application.start())
-    stopper = asyncio.create_task(stop.wait())
+        loop.add_signal_handler(sig, signalled.set)
+    starting = asyncio.create_task(start())
+    stopper = asyncio.create_task(signalled.wait())
     await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if starting.done() and starting.exception() is None:
+        print(started(), flush=True)
+        await stopper
+    else:
+        starting.cancel()
+    print(stopping, flush=True)
+    await stop()
+    if starting.done() and not starting.cancelled() and starting.exception() is not None:
+        raise starting.exception()  # type: ignore[misc]
+
+
+async def _serve(config: Config, files: EngineFiles) -> None:
+    application = App(config, files)
+
+    def started() -> str:
         g = config.gateway
         names = ", ".join(
             f"{m.name} ({m.replicas} replicas{', ' + str(len(m.endpoints)) + ' endpoints' if m.endpoints else ''})"
             for m in config.models
         )
-        print(f"albatross: serving {names} on http://{g.host}:{application.port}", flush=True)
-        await stopper
-    else:
-        starting.cancel()
-    print("albatross: stopping", flush=True)
-    await application.stop()
-    if starting.done() and not starting.cancelled() and starting.exception() is not None:
-        raise starting.exception()  # type: ignore[misc]
+        return f"albatross: serving {names} on http://{g.host}:{application.port}"
+
+    await _until_signal(application.start, application.stop, started, "albatross: stopping")
+
+
+def _config_error(exc: ConfigError) -> typer.Exit:
+    """Print a configuration problem, one line per rule broken; the exit to raise."""
+    print(f"albatross: invalid configuration in {exc.source}:", file=sys.stderr)
+    for p in exc.problems:
+        print(f"  {p}", file=sys.stderr)
+    return typer.Exit(EXIT_CONFIG)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 @app.command()
@@ -79,11 +112,7 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Start the gateway and its engine replicas; Ctrl-C stops everything."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _logging(verbose)
     try:
         cfg = load_config(config)
         if port is not None:
@@ -93,14 +122,75 @@ def serve(
             cfg = config_from_mapping(data, "--port")
         files = _resolve_files(cfg)
     except ConfigError as exc:
-        print(f"albatross: invalid configuration in {exc.source}:", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  {p}", file=sys.stderr)
-        raise typer.Exit(EXIT_CONFIG) from exc
+        raise _config_error(exc) from exc
     try:
         import uvloop
 
         uvloop.run(_serve(cfg, files))
+    except Exception as exc:
+        logging.getLogger("albatross").error(
+            "%s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG)
+        )
+        raise typer.Exit(EXIT_FAILURE) from exc
+
+
+async def _agent(config: Config, files: EngineFiles, url: str, token: str) -> None:
+    from albatross.runtime.agent import Agent
+
+    a = Agent(config, files, url, token)
+    names = ", ".join(f"{m.name} ({m.replicas} replicas)" for m in config.models)
+    await _until_signal(
+        a.start,
+        a.stop,
+        lambda: f"albatross agent {a.host_id}: serving {names} for {url}",
+        "albatross agent: stopping",
+    )
+
+
+@app.command()
+def agent(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML config file.")],
+    gateway: Annotated[
+        str | None, typer.Option(help="The gateway's base URL; overrides agent.gateway_url.")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ALBATROSS_CONTROL_TOKEN", help="Control API token; default: control.token."
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run this host's engine replicas and register them with a gateway (engine hosts)."""
+    from albatross.runtime.agent import GatewayRejected
+
+    _logging(verbose)
+    try:
+        cfg = load_config(config)
+        if gateway is not None:
+            data = cfg.model_dump()
+            data["agent"]["gateway_url"] = gateway
+            cfg = config_from_mapping(data, "--gateway")
+        if cfg.agent.gateway_url is None:
+            raise ConfigError("config", ["agent.gateway_url = None: set it or pass --gateway"])
+        secret = token or cfg.control.token
+        if not secret:
+            raise ConfigError(
+                "config",
+                ["control.token = None: set it, pass --token or set ALBATROSS_CONTROL_TOKEN"],
+            )
+        if not any(m.replicas for m in cfg.models):
+            raise ConfigError("config", ["models: an agent needs a model with replicas >= 1"])
+        files = _resolve_files(cfg)
+    except ConfigError as exc:
+        raise _config_error(exc) from exc
+    try:
+        import uvloop
+
+        uvloop.run(_agent(cfg, files, cfg.agent.gateway_url, secret))
+    except GatewayRejected as exc:
+        print(f"albatross agent: the gateway refused this host: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_CONFIG) from exc
     except Exception as exc:
         logging.getLogger("albatross").error(
             "%s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG)
@@ -114,10 +204,7 @@ def check_config(config: Annotated[Path, typer.Argument(help="TOML config file."
     try:
         cfg = load_config(config)
     except ConfigError as exc:
-        print(f"albatross: invalid configuration in {exc.source}:", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  {p}", file=sys.stderr)
-        raise typer.Exit(EXIT_CONFIG) from exc
+        raise _config_error(exc) from exc
     print(cfg.model_dump_json(indent=2))
 
 

@@ -95,13 +95,75 @@ class SpotConfig(_Frozen):
     base_url: str | None = None
     """Metadata service base URL; unset = the cloud's own."""
     poll_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    vm_name: str | None = None
+    """Azure: this VM's name; events for other VMs of its availability set are ignored.
+    Unset = act on every ``Preempt`` event."""
     default_lead_s: Annotated[float, Field(gt=0)] = 30.0
     """Deadline assumed when a notice gives none (GCP, local triggers)."""
     margin_s: Annotated[float, Field(ge=0)] = 5.0
     """Kept free before the deadline when deciding to finish a stream in place."""
     replace: bool = True
     """Once a drained managed replica is empty (or its deadline passed), restart it on
-    this machine: the local provider's replacement."""
+    this machine: the local provider's replacement. For ``albatross agent``: restart the
+    host's engines once drained (for tests and notices that do not take the host)."""
+    aws: AwsReplacementConfig | None = None
+    """Launch a replacement EC2 host at once when an agent host gets a notice."""
+
+
+class AwsReplacementConfig(_Frozen):
+    """Replacement hosts on EC2 for preempted ``albatross agent`` hosts (see README:
+    Running on spot instances). Launched hosts must run ``albatross agent`` at boot (in
+    the launch template's user data) so that their engines register with this gateway."""
+
+    region: Annotated[str, Field(min_length=1)]
+    launch_template: str | None = None
+    """A launch template name, or an id starting with ``lt-``."""
+    image_id: str | None = None
+    """An AMI id; then ``instance_types`` must not be empty."""
+    instance_types: tuple[str, ...] = ()
+    """Tried in order for spot capacity; empty = the launch template's type."""
+    subnet_id: str | None = None
+    tags: dict[str, str] = {}
+    fallback_on_demand: bool = True
+    """Launch on-demand when every instance type is refused spot capacity."""
+    endpoint_url: str | None = None
+    """EC2 API endpoint; unset = AWS's own (set for an EC2-compatible API)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AwsReplacementConfig:
+        if (self.launch_template is None) == (self.image_id is None):
+            raise ValueError("give exactly one of launch_template and image_id")
+        if self.image_id is not None and not self.instance_types:
+            raise ValueError("instance_types must not be empty when launching from image_id")
+        return self
+
+
+class AgentConfig(_Frozen):
+    """``albatross agent``: runs this config's models on an engine host apart from the
+    gateway, registers them with the gateway and reports preemption notices to it."""
+
+    gateway_url: str | None = None
+    """The gateway's base URL (its control API); ``--gateway`` overrides it."""
+    host_id: str | None = None
+    """This host's name in replica ids (``model@HOST/0``); unset = the hostname."""
+    advertise_host: str = "127.0.0.1"
+    """The address the gateway reaches this host's engines on."""
+    bind_host: str = "127.0.0.1"
+    """The address engines listen on (``0.0.0.0`` for all interfaces)."""
+    heartbeat_s: Annotated[float, Field(gt=0)] = 5.0
+    """Period of re-registration: a gateway restarted meanwhile learns the replicas again."""
+    drain_poll_s: Annotated[float, Field(gt=0)] = 0.5
+    """Period of the drain-progress check after a notice."""
+    drain_on_stop_s: Annotated[float, Field(ge=0)] = 30.0
+    """On SIGINT/SIGTERM: how long streams may take to leave this host's replicas (the
+    gateway moves them) before the engines are stopped."""
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("http://") and len(v) > len("http://")):
+            raise ValueError(f"{v!r} must be an http:// base URL")
+        return None if v is None else v.rstrip("/")
 
 
 class ControlConfig(_Frozen):
@@ -136,7 +198,8 @@ class ModelConfig(_Frozen):
     path: Path | None = None
     """GGUF file for managed replicas; unset = the embedded SmolLM2-135M-Instruct."""
     replicas: Annotated[int, Field(ge=0, le=64)] = 2
-    """Managed replicas to start (0 when only ``endpoints`` are used)."""
+    """Managed replicas to start: 0 when only ``endpoints`` or replicas registered by
+    ``albatross agent`` hosts serve the model."""
     endpoints: tuple[str, ...] = ()
     """Base URLs of engines already running elsewhere (not started or stopped by us)."""
     threads: Annotated[int, Field(ge=1, le=256)] = 1
@@ -164,22 +227,44 @@ class ModelConfig(_Frozen):
                 raise ValueError(f"endpoint {url!r} must be an http:// base URL")
         return tuple(u.rstrip("/") for u in v)
 
-    @model_validator(mode="after")
-    def _check_has_replicas(self) -> ModelConfig:
-        if self.replicas == 0 and not self.endpoints:
-            raise ValueError("a model needs replicas >= 1 or at least one endpoint")
-        return self
+
+
+class CheckpointConfig(_Frozen):
+    """CRIU checkpoint/restore of engine processes (see README: Warm restarts with CRIU)."""
+
+    enabled: bool = False
+    """Restore a replica from its newest image instead of cold-starting it, when one exists."""
+    criu: Path | None = None
+    """criu executable; unset = the private CRIU 4.1.1 of ``python -m albatross.checkpoint.install``."""
+    image_dir: Path = Path(".albatross/images")
+    """Image store: one owner-only directory per replica and version."""
+    disk_budget_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Most bytes all images together may use; unset = no limit."""
+    on_budget_exceeded: Literal["refuse", "stop"] = "refuse"
+    """An image that would not fit: ``refuse`` the checkpoint (the engine keeps running),
+    or ``stop`` the engine without an image (it cold-starts next time)."""
+    keep_after_restore: bool = False
+    """Keep an image after restoring it (for further warm restarts), else delete it."""
+    tcp_established: bool = True
+    """Dump open TCP connections too (clients' keep-alive connections survive)."""
+    s3_bucket: str | None = None
+    """Also upload images here (and fetch them from here when missing locally)."""
+    s3_prefix: str = "albatross/images"
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint; unset = AWS."""
 
 
 class Config(_Frozen):
     """The whole configuration."""
 
+    checkpoint: CheckpointConfig = CheckpointConfig()
     gateway: GatewayConfig = GatewayConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     llama_server: LlamaServerConfig = LlamaServerConfig()
     continuity: ContinuityConfig = ContinuityConfig()
     control: ControlConfig = ControlConfig()
     spot: SpotConfig = SpotConfig()
+    agent: AgentConfig = AgentConfig()
     models: Annotated[tuple[ModelConfig, ...], Field(min_length=1)] = (
         ModelConfig(name=DEFAULT_MODEL_NAME),
     )

@@ -62,3 +62,27 @@ bin=$(.venv/bin/python -m albatross.engines.llama_build)
 say "llama-server: $bin"
 model=$(.venv/bin/python -m albatross.engines.embedded_model)
 say "demo model: $model"
+
+# 4. eBPF programs of connection migration (zero-window hold, guard): clang, llvm and
+#    libbpf-dev when missing (apt, root only; otherwise say what to run), then compile
+#    them once per source version into the cache (prints the object paths).
+if ! command -v clang >/dev/null 2>&1 || [[ ! -f /usr/include/bpf/bpf_helpers.h ]]; then
+    if [[ $(id -u) == 0 ]]; then
+        apt_install clang llvm libbpf-dev
+    else
+        echo "setup: connection migration needs clang and libbpf-dev; run:" \
+            "sudo apt-get install -y --no-install-recommends clang llvm libbpf-dev" >&2
+    fi
+fi
+if command -v clang >/dev/null 2>&1; then
+    for obj in $(.venv/bin/python -m albatross.netmove.build); do say "bpf: $obj"; done
+fi
+
+# CRIU 4.1.1 for warm restarts (checkpoint/restore), in a private root under the cache;
+# idempotent and fast once installed. Running criu needs root, so others are told how.
+if [[ $(id -u) == 0 ]]; then
+    criu=$(.venv/bin/python -m albatross.checkpoint.install)
+    say "criu: $criu"
+else
+    say "criu: skipped (needs root); to enable warm restarts run as root: .venv/bin/python -m albatross.checkpoint.install"
+fi

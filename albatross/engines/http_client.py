@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -29,13 +29,20 @@ def split_base_url(base_url: str) -> tuple[str, int]:
 
 
 def build_request(
-    method: str, host: str, port: int, path: str, body: bytes | None, keep_alive: bool = False
+    method: str,
+    host: str,
+    port: int,
+    path: str,
+    body: bytes | None,
+    keep_alive: bool = False,
+    headers: Mapping[str, str] | None = None,
 ) -> bytes:
     head = [
         f"{method} {path} HTTP/1.1",
         f"Host: {host}:{port}",
         "Connection: " + ("keep-alive" if keep_alive else "close"),
         "Accept: */*",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
     ]
     if body is not None:
         head.append("Content-Type: application/json")
@@ -233,7 +240,12 @@ class ConnectionPool:
 
 
 async def request_json(
-    pool: ConnectionPool, method: str, path: str, body: Any = None, timeout_s: float = 30.0
+    pool: ConnectionPool,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout_s: float = 30.0,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[int, Any]:
     """One whole request; returns ``(status, parsed JSON or None)``.
 
@@ -257,7 +269,9 @@ async def request_json(
     conn: EngineConnection | None = None
     try:
         async with asyncio.timeout(timeout_s):
-            req = build_request(method, pool.host, pool.port, path, payload, keep_alive=True)
+            req = build_request(
+                method, pool.host, pool.port, path, payload, keep_alive=True, headers=headers
+            )
             conn = await pool.exchange(req, on_head, chunks.append, on_end)
             err = await done
     except TimeoutError as exc:

@@ -6,6 +6,7 @@ looks up labels; histograms are observed once per client write, not per token.
 
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -156,6 +157,11 @@ class Metrics:
     ) -> None:
         for s in states:
             self.replica_state.labels(model, replica, s).set(1 if s == state else 0)
+
+    def forget_replica(self, model: str, replica: str, states: tuple[str, ...]) -> None:
+        for s in states:
+            with contextlib.suppress(KeyError):
+                self.replica_state.remove(model, replica, s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -42,13 +42,13 @@ KV cache: continuations by re-prefill then match an uninterrupted run bit for bi
 
 
 def llama_server_argv(
-    binary: Path, model_path: Path, m: ModelConfig, slot_dir: Path
+    binary: Path, model_path: Path, m: ModelConfig, slot_dir: Path, host: str = "127.0.0.1"
 ) -> Callable[[int], list[str]]:
     def argv(port: int) -> list[str]:
         return [
             str(binary),
             "-m", str(model_path),
-            "--host", "127.0.0.1",
+            "--host", host,
             "--port", str(port),
             "-np", str(m.parallel),
             # -c is shared by all slots; give every slot the configured context.
@@ -65,11 +65,29 @@ def llama_server_argv(
     return argv
 
 
+def replica_spec(
+    config: Config, files: EngineFiles, m: ModelConfig, i: int, replica_id: str, host: str
+) -> ReplicaSpec:
+    """How to run replica ``i`` of model ``m`` as ``replica_id``, listening on ``host``."""
+    assert files.llama_server is not None
+    return ReplicaSpec(
+        replica_id=replica_id,
+        argv=llama_server_argv(
+            files.llama_server,
+            files.model_paths[m.name],
+            m,
+            config.continuity.slot_dir,
+            host,
+        ),
+        log_path=config.supervisor.log_dir / f"{m.name.replace('/', '_')}-{i}.log",
+    )
+
+
 def _price(m: ModelConfig) -> Price:
     return Price(m.price_spot_per_hour, m.price_on_demand_per_hour)
 
 
-async def _probe(base_url: str) -> bool:
+async def probe(base_url: str) -> bool:
     client = LlamaServerClient(base_url)
     try:
         return await client.health()
@@ -85,8 +103,6 @@ class App:
         self.registry = Registry(config.continuity)
         self.pool.lost_listeners.append(self.registry.replica_lost)
         specs: list[ReplicaSpec] = []
-        log_dir = config.supervisor.log_dir
-        slot_dir = config.continuity.slot_dir
         for m in config.models:
             for i in range(m.replicas):
                 rid = f"{m.name}/{i}"
@@ -98,16 +114,7 @@ class App:
                     instance_type=m.instance_type,
                     price=_price(m),
                 )
-                assert files.llama_server is not None
-                specs.append(
-                    ReplicaSpec(
-                        replica_id=rid,
-                        argv=llama_server_argv(
-                            files.llama_server, files.model_paths[m.name], m, slot_dir
-                        ),
-                        log_path=log_dir / f"{m.name.replace('/', '_')}-{i}.log",
-                    )
-                )
+                specs.append(replica_spec(config, files, m, i, rid, "127.0.0.1"))
             for j, url in enumerate(m.endpoints):
                 self.pool.add(
                     f"{m.name}/ext{j}",
@@ -117,7 +124,14 @@ class App:
                     instance_type=m.instance_type,
                     price=_price(m),
                 )
-        self.supervisor = Supervisor(specs, config.supervisor, self.pool, _probe)
+        images = None
+        if config.checkpoint.enabled:
+            from albatross.checkpoint.engine import ReplicaCheckpointer
+
+            images = ReplicaCheckpointer.from_config(
+                config.checkpoint, stop_grace_s=config.supervisor.stop_grace_s
+            )
+        self.supervisor = Supervisor(specs, config.supervisor, self.pool, probe, images=images)
         self.spot = SpotController(config.spot, self.pool, self.registry, self.supervisor)
         self.api = Api(config, self.pool, self.metrics, self.registry, self.spot)
         self._server: asyncio.Server | None = None
@@ -160,15 +174,24 @@ class App:
         await self.supervisor.close()
 
     async def _check_health(self) -> None:
-        """Health of external endpoints. Managed replicas are checked by the supervisor,
-        which reports a replica failing its checks as lost and restarts it."""
+        """Health of external endpoints and agents' replicas. Managed replicas are
+        checked by the supervisor, which reports a replica failing its checks as lost and
+        restarts it. An agent's replica that is down comes back only when its agent says
+        so (it may be answering while its agent stops it)."""
         interval = self.config.supervisor.health_interval_s
-        external = [
-            r for r in self.pool.replicas.values() if not r.managed and r.client is not None
-        ]
-        while external:
+        while True:
+            # Read each round: agents register and deregister replicas at any time.
+            external = [
+                r
+                for r in self.pool.replicas.values()
+                if not r.managed
+                and r.client is not None
+                and not (r.host is not None and r.health.state is ReplicaState.DOWN)
+            ]
             results = await asyncio.gather(*(r.client.health() for r in external if r.client))
             for r, ok in zip(external, results, strict=True):
+                if self.pool.replicas.get(r.replica_id) is not r:
+                    continue  # deregistered meanwhile
                 if ok and r.health.state in (ReplicaState.STARTING, ReplicaState.DOWN):
                     with contextlib.suppress(AlbatrossError):
                         if r.client is not None and r.slots == 0:

@@ -2,14 +2,18 @@
 
 | call | body | does |
 |---|---|---|
-| ``GET /admin/replicas`` | | replicas: state, address, load, slots |
+| ``GET /admin/replicas`` | | replicas: state, address, load, slots; replacement launches |
+| ``POST /admin/replicas`` | ``{"replica", "model", "host", "url", "slots", ...}`` | an agent's replica is ready at ``url`` (``null``: gone); idempotent |
+| ``DELETE /admin/replicas`` | ``{"replica": ID}`` | forget an agent's replica (409 while streams run on it) |
 | ``GET /admin/requests`` | | streams in flight: position, replica, legs |
 | ``GET /admin/requests/{id}`` | | one stream, also after it ended (while retained) |
 | ``POST /admin/drain`` | ``{"replica": ID}`` | no new requests; move its streams off |
 | ``POST /admin/undrain`` | ``{"replica": ID}`` | back into the pool |
 | ``POST /admin/move`` | ``{"request": ID, "to": ID?, "path": "auto"?}`` | move one stream |
+| ``POST /admin/checkpoint`` | ``{"replica": ID}`` | dump an idle managed replica's engine with CRIU and park it (``checkpoint.enabled``) |
+| ``POST /admin/restore`` | ``{"replica": ID}`` | bring a checkpointed replica back from its image (cold start if that fails) |
 | ``GET /admin/cost`` | | per replica: uptime, tokens, preemptions, spend vs on demand |
-| ``POST /admin/preempt`` | ``{"replica": ID?, "deadline_s": 30?}`` | a preemption notice: deadline-aware drain, then replacement |
+| ``POST /admin/preempt`` | ``{"replica": ID?, "replicas": [ID]?, "deadline_s": 30?, "source": "local"?}`` | a preemption notice: deadline-aware drain, then replacement |
 
 Replica ids contain ``/`` (``model/0``), so they travel in bodies, not paths. Without a
 configured token the API answers 403: it moves other people's streams.
@@ -20,20 +24,25 @@ from __future__ import annotations
 import hmac
 import os
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from albatross.config import Config
 from albatross.core.continuity import MovePath
-from albatross.core.cost import fleet_summary
+from albatross.core.cost import Price, fleet_summary
 from albatross.core.errors import (
+    ClientError,
     Conflict,
+    EngineError,
     Forbidden,
     InvalidField,
     MethodNotAllowed,
     NotFound,
     Unauthorized,
+    UnsupportedField,
 )
 from albatross.gateway.http import Request
 from albatross.runtime.pool import Pool, Replica
@@ -48,11 +57,27 @@ class Control:
     def __init__(
         self, config: Config, pool: Pool, registry: Registry, spot: SpotController | None = None
     ) -> None:
+        self.config = config
         token = config.control.token or os.environ.get("ALBATROSS_CONTROL_TOKEN") or None
         self._token = token.encode() if token else None
         self.pool = pool
         self.registry = registry
         self.spot = spot
+        self._routes: dict[str, dict[str, Callable[[Request], Awaitable[None]]]] = {
+            "/admin/replicas": {
+                "GET": self._replicas,
+                "POST": self._register,
+                "DELETE": self._deregister,
+            },
+            "/admin/requests": {"GET": self._requests},
+            "/admin/drain": {"POST": self._drain},
+            "/admin/undrain": {"POST": self._undrain},
+            "/admin/move": {"POST": self._move},
+            "/admin/preempt": {"POST": self._preempt},
+            "/admin/cost": {"GET": self._cost},
+            "/admin/checkpoint": {"POST": self._checkpoint},
+            "/admin/restore": {"POST": self._restore},
+        }
 
     async def __call__(self, req: Request) -> None:
         self._authorize(req)
@@ -65,19 +90,16 @@ class Control:
                     f"no request {path.rsplit('/', 1)[-1]!r} (unknown or past its retention)"
                 )
             return _reply(req, _session(s))
-        route = {
-            "/admin/replicas": ("GET", self._replicas),
-            "/admin/requests": ("GET", self._requests),
-            "/admin/drain": ("POST", self._drain),
-            "/admin/undrain": ("POST", self._undrain),
-            "/admin/move": ("POST", self._move),
-            "/admin/preempt": ("POST", self._preempt),
-            "/admin/cost": ("GET", self._cost),
-        }.get(path)
-        if route is None:
+        methods = self._routes.get(path)
+        if methods is None:
             raise NotFound(f"no control route {req.path}")
-        self._only(req, route[0])
-        await route[1](req)
+        handler = methods.get(req.method)
+        if handler is None:
+            allowed = tuple(methods)
+            raise MethodNotAllowed(
+                f"{req.method} is not allowed on {req.path}; use {' or '.join(allowed)}", allowed
+            )
+        await handler(req)
 
     def _authorize(self, req: Request) -> None:
         if self._token is None:
@@ -108,7 +130,55 @@ class Control:
         return r
 
     async def _replicas(self, req: Request) -> None:
-        _reply(req, {"replicas": [_replica(r) for r in self.pool.replicas.values()]})
+        launches = [] if self.spot is None else [dict(x) for x in self.spot.launches]
+        _reply(
+            req,
+            {"replicas": [_replica(r) for r in self.pool.replicas.values()], "launches": launches},
+        )
+
+    async def _register(self, req: Request) -> None:
+        reg = _registration(_body(req))
+        m = self.config.model(reg.model)
+        if m is None:
+            raise InvalidField(
+                "model",
+                reg.model,
+                f"is not a model of this gateway; configured: {', '.join(x.name for x in self.config.models)}",
+            )
+        known = self.pool.replicas.get(reg.replica)
+        if known is not None and known.host != reg.host:
+            owner = "this gateway" if known.host is None else f"agent {known.host!r}"
+            raise Conflict(f"replica id {reg.replica!r} already belongs to {owner}")
+        if known is not None and known.model != reg.model:
+            raise Conflict(f"replica {reg.replica!r} serves {known.model!r}, not {reg.model!r}")
+        price = Price(
+            m.price_spot_per_hour if reg.price_spot_per_hour is None else reg.price_spot_per_hour,
+            m.price_on_demand_per_hour
+            if reg.price_on_demand_per_hour is None
+            else reg.price_on_demand_per_hour,
+        )
+        r = self.pool.register(
+            reg.replica,
+            reg.model,
+            reg.host,
+            reg.url.rstrip("/") if reg.url else None,
+            reg.slots,
+            reg.pid,
+            reg.instance_type or m.instance_type,
+            price,
+        )
+        _reply(req, _replica(r))
+
+    async def _deregister(self, req: Request) -> None:
+        r = self._replica(_body(req))
+        if r.host is None:
+            raise Conflict(f"replica {r.replica_id!r} belongs to this gateway, not to an agent")
+        if r.in_flight or self.registry.on_replica(r.replica_id):
+            raise Conflict(
+                f"replica {r.replica_id!r} still has {r.in_flight} streams in flight; drain it first"
+            )
+        self.pool.deregister(r.replica_id)
+        _reply(req, {"replica": r.replica_id, "state": "removed"})
 
     async def _requests(self, req: Request) -> None:
         _reply(req, {"requests": [_session(s) for s in self.registry.live.values()]})
@@ -124,6 +194,40 @@ class Control:
         self.pool.undrain(r.replica_id)
         _reply(req, {"replica": r.replica_id, "state": r.health.state.value})
 
+    def _parkable(self, req: Request) -> Replica:
+        if not self.config.checkpoint.enabled or self.spot is None:
+            raise Conflict("checkpointing is off (checkpoint.enabled = false)")
+        r = self._replica(_body(req))
+        if not r.managed:
+            raise Conflict(f"replica {r.replica_id!r} is not run by this gateway")
+        return r
+
+    async def _checkpoint(self, req: Request) -> None:
+        r = self._parkable(req)
+        if r.in_flight or self.registry.on_replica(r.replica_id):
+            raise Conflict(
+                f"replica {r.replica_id!r} has {r.in_flight} streams in flight; drain it first"
+            )
+        assert self.spot is not None
+        try:
+            outcome = await self.spot.supervisor.checkpoint(r.replica_id)
+        except RuntimeError as exc:
+            raise Conflict(str(exc)) from exc
+        except Exception as exc:
+            raise EngineError(f"checkpoint of {r.replica_id} failed: {exc}") from exc
+        _reply(req, {"replica": r.replica_id, "state": "checkpointed", "image": str(outcome)})
+
+    async def _restore(self, req: Request) -> None:
+        r = self._parkable(req)
+        assert self.spot is not None
+        try:
+            await self.spot.supervisor.restore(r.replica_id)
+        except RuntimeError as exc:
+            raise Conflict(str(exc)) from exc
+        except Exception as exc:
+            raise EngineError(f"restore of {r.replica_id} failed: {exc}") from exc
+        _reply(req, _replica(r))
+
     async def _cost(self, req: Request) -> None:
         _reply(req, fleet_summary([r.ledger for r in self.pool.replicas.values()], time.time()))
 
@@ -131,12 +235,24 @@ class Control:
         if self.spot is None or self.spot.cfg.source == "none":
             raise Conflict("preemption handling is off (spot.source = none)")
         body = _body(req)
-        rid = self._replica(body).replica_id if body.get("replica") is not None else None
+        many = body.get("replicas")
+        if many is not None and body.get("replica") is not None:
+            raise InvalidField("replicas", many, "must not be given together with replica")
+        ids: list[str] | None = None
+        if many is not None:
+            if not isinstance(many, list) or not many:
+                raise InvalidField("replicas", many, "must be a non-empty list of replica ids")
+            ids = [self._replica({"replicas": x}, "replicas").replica_id for x in many]
+        elif body.get("replica") is not None:
+            ids = [self._replica(body).replica_id]
         lead = body.get("deadline_s", self.spot.cfg.default_lead_s)
         if not isinstance(lead, int | float) or isinstance(lead, bool) or not 0 < lead <= 3600:
             raise InvalidField("deadline_s", lead, "must be a number of seconds in (0, 3600]")
-        ids = self.spot.preempt(rid, float(lead), "control API")
-        _reply(req, {"replicas": ids, "deadline_s": lead})
+        source = body.get("source", "control API")
+        if not isinstance(source, str) or not 0 < len(source) <= 64:
+            raise InvalidField("source", source, "must be a string of 1 to 64 characters")
+        drained = self.spot.preempt(ids, float(lead), source)
+        _reply(req, {"replicas": drained, "deadline_s": lead})
 
     async def _move(self, req: Request) -> None:
         from albatross.runtime.moves import move
@@ -155,6 +271,34 @@ class Control:
         source = s.leg.replica.replica_id if s.leg else None
         taken = await move(s, to, None if p == "auto" else MovePath(p))
         _reply(req, {"request": s.request_id, "from": source, "path": taken})
+
+
+class _Registration(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    replica: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s]+$")]
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    host: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[^\s]+$")]
+    url: Annotated[str, Field(pattern=r"^http://[^\s/]+(:\d+)?/?$")] | None
+    slots: Annotated[int, Field(ge=1, le=256)]
+    pid: Annotated[int, Field(ge=1)] | None = None
+    instance_type: Annotated[str, Field(max_length=64)] | None = None
+    price_spot_per_hour: Annotated[float, Field(ge=0)] | None = None
+    price_on_demand_per_hour: Annotated[float, Field(ge=0)] | None = None
+
+
+def _registration(body: dict[str, Any]) -> _Registration:
+    try:
+        return _Registration.model_validate(body)
+    except ValidationError as exc:
+        e = max(exc.errors(), key=lambda e: e["type"] != "missing")
+        field = ".".join(str(p) for p in e["loc"]) or "body"
+        if e["type"] == "missing":
+            raise ClientError(f"{field}: is required", param=field, code="missing_field") from exc
+        if e["type"] == "extra_forbidden":
+            raise UnsupportedField(field, "is not a registration field") from exc
+        msg = str(e["msg"])
+        raise InvalidField(field, e.get("input"), msg[0].lower() + msg[1:]) from exc
 
 
 def _body(req: Request) -> dict[str, Any]:
@@ -182,6 +326,7 @@ def _replica(r: Replica) -> dict[str, Any]:
         "in_flight": r.in_flight,
         "slots": r.slots,
         "free_slots": len(r.free_slots),
+        "host": r.host,
     }
 
 

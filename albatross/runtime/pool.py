@@ -45,6 +45,8 @@ class Replica:
     in_flight: int = 0
     pid: int | None = None
     free_slots: list[int] = field(default_factory=list)
+    host: str | None = None
+    """The ``albatross agent`` host that registered it; None for this gateway's own."""
     ledger: ReplicaLedger = field(init=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +138,55 @@ class Pool:
         self.apply(replica_id, Event.LOST)
         for cb in self.lost_listeners:
             cb(replica_id, False)
+
+    # ---- replicas registered by agents ---------------------------------------
+    def register(
+        self,
+        replica_id: str,
+        model: str,
+        host: str,
+        base_url: str | None,
+        slots: int,
+        pid: int | None,
+        instance_type: str,
+        price: Price,
+    ) -> Replica:
+        """An agent's report on one of its replicas: ready at ``base_url``, or gone
+        (``base_url`` None). Idempotent, so agents re-send it as a heartbeat.
+
+        A known replica at a new URL or pid is a new process (all slots free); a report
+        of "gone" for a replica believed up moves its streams off like a crash.
+        """
+        r = self.replicas.get(replica_id)
+        if r is None:
+            r = self.add(replica_id, model, False, None, slots, instance_type, price)
+            r.host = host
+        if base_url is None:
+            if r.health.state is not ReplicaState.DOWN:
+                self.replica_lost(replica_id, f"reported gone by agent {host}")
+            return r
+        fresh = r.client is None or r.client.base_url != base_url or r.pid != pid
+        if fresh:
+            if r.health.state not in (ReplicaState.DOWN, ReplicaState.STARTING):
+                # A new process behind a replica believed up (the replacement after a
+                # drain, or a restart the gateway missed): whatever still ran on the old
+                # one continues elsewhere.
+                self.replica_lost(replica_id, f"replaced by a new engine on agent {host}")
+            if r.client is not None:
+                r.client.close()
+            r.client = LlamaServerClient(base_url)
+            r.pid = pid
+            r.reset_slots(slots)
+        self.apply(replica_id, Event.STARTED)
+        return r
+
+    def deregister(self, replica_id: str) -> None:
+        """Forget an agent's replica; it must have no stream in flight."""
+        r = self.replicas.pop(replica_id)
+        if r.client is not None:
+            r.client.close()
+        r.ledger.down(time.time())
+        self._metrics.forget_replica(r.model, replica_id, _STATES)
 
     # ---- routing -------------------------------------------------------------
     def try_acquire(

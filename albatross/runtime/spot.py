@@ -7,6 +7,12 @@ Then, every tick until they are empty or the deadline has passed, the pure plann
 while the source still runs). At the end each drained managed replica is restarted
 on this machine (the local provider's replacement); a stream still on it then
 continues from its journal like after any crash.
+
+Replicas registered by ``albatross agent`` hosts are drained the same way; their agent
+watches its own host's notices, reports them here, and restarts or loses its engines
+once drained. With ``spot.aws`` configured, a replacement EC2 host is launched for each
+such host at the notice, not after the drain: it has the whole notice to boot, and its
+agent registers its engines when they are ready.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import signal
 import statistics
 import time
+from typing import Any
 
 from albatross.clouds import (
     AwsWatcher,
@@ -26,7 +33,9 @@ from albatross.clouds import (
     PreemptionNotice,
     watch,
 )
-from albatross.config import SpotConfig
+from albatross.clouds.aws_provider import AwsSpotProvider
+from albatross.clouds.provider import ProviderError, ReplacementProvider
+from albatross.config import AwsReplacementConfig, SpotConfig
 from albatross.core.continuity import FailureReason
 from albatross.core.drain import Decision, InFlight, plan_drain
 from albatross.core.errors import AlbatrossError
@@ -40,6 +49,26 @@ TICK_S = 0.25
 FALLBACK_SECONDS_PER_TOKEN = 0.05
 
 
+def aws_provider(cfg: AwsReplacementConfig) -> AwsSpotProvider:
+    """The EC2 provider for ``spot.aws`` (``endpoint_url`` for EC2-compatible APIs)."""
+
+    def client(region: str) -> Any:
+        import boto3
+
+        return boto3.client("ec2", region_name=region, endpoint_url=cfg.endpoint_url)
+
+    return AwsSpotProvider(
+        cfg.region,
+        launch_template=cfg.launch_template,
+        image_id=cfg.image_id,
+        instance_types=cfg.instance_types,
+        subnet_id=cfg.subnet_id,
+        tags=cfg.tags,
+        fallback_on_demand=cfg.fallback_on_demand,
+        client_factory=client,
+    )
+
+
 def cloud_watcher(cfg: SpotConfig) -> NoticeWatcher | None:
     """The metadata-service watcher for ``cfg.source``; None for ``local``/``none``."""
     if cfg.source == "aws":
@@ -47,7 +76,9 @@ def cloud_watcher(cfg: SpotConfig) -> NoticeWatcher | None:
     if cfg.source == "gcp":
         return GcpWatcher(cfg.base_url) if cfg.base_url else GcpWatcher()
     if cfg.source == "azure":
-        return AzureWatcher(cfg.base_url) if cfg.base_url else AzureWatcher()
+        if cfg.base_url:
+            return AzureWatcher(cfg.base_url, vm_name=cfg.vm_name)
+        return AzureWatcher(vm_name=cfg.vm_name)
     return None
 
 
@@ -64,6 +95,9 @@ class SpotController:
         self._moving: set[str] = set()
         self.drains: dict[str, float] = {}
         """Replica id -> wall-clock deadline of the drain under way."""
+        self.provider: ReplacementProvider | None = aws_provider(cfg.aws) if cfg.aws else None
+        self.launches: list[dict[str, object]] = []
+        """Replacement hosts asked of :attr:`provider`, newest last (``GET /admin/replicas``)."""
 
     async def run(self) -> None:
         """Watch the configured cloud (if any) forever; SIGUSR1 preempts every replica."""
@@ -88,14 +122,11 @@ class SpotController:
         deadline = notice.deadline_or(time.time(), self.cfg.default_lead_s)
         self.preempt(None, deadline - time.time(), notice.source)
 
-    def preempt(self, replica_id: str | None, lead_s: float, source: str = "local") -> list[str]:
-        """Drain ``replica_id`` (None: every managed replica) against a deadline
+    def preempt(self, ids: list[str] | None, lead_s: float, source: str = "local") -> list[str]:
+        """Drain replicas ``ids`` (None: every managed replica) against a deadline
         ``lead_s`` from now. Returns the replica ids drained."""
-        ids = (
-            [replica_id]
-            if replica_id is not None
-            else [r.replica_id for r in self.pool.replicas.values() if r.managed]
-        )
+        if ids is None:
+            ids = [r.replica_id for r in self.pool.replicas.values() if r.managed]
         deadline = time.time() + lead_s
         fresh = [rid for rid in ids if rid not in self.drains]
         for rid in fresh:
@@ -110,7 +141,43 @@ class SpotController:
                 lead_s,
             )
             self.registry.spawn(self._drain(fresh, deadline))
+            hosts = sorted({h for rid in fresh if (h := self.pool.replicas[rid].host)})
+            if self.provider is not None:
+                for host in hosts:
+                    self.registry.spawn(self._replace_host(host, source))
         return ids
+
+    async def _replace_host(self, host: str, source: str) -> None:
+        """Ask the provider for a host to take over from ``host``; record the outcome."""
+        assert self.provider is not None
+        entry: dict[str, object] = {
+            "replaces": host,
+            "source": source,
+            "state": "launching",
+            "at": time.time(),
+        }
+        self.launches.append(entry)
+        try:
+            launched = await self.provider.launch(f"replaces {host}")
+        except ProviderError as exc:
+            entry.update(state="failed", error=str(exc))
+            log.error("replacement for %s not launched: %s", host, exc)
+            return
+        entry.update(
+            state="running",
+            host_id=launched.host_id,
+            address=launched.address,
+            lifecycle=launched.lifecycle,
+            instance_type=launched.instance_type,
+        )
+        log.warning(
+            "replacement for %s: %s %s instance %s at %s; its agent registers its engines",
+            host,
+            launched.lifecycle,
+            launched.instance_type,
+            launched.host_id,
+            launched.address,
+        )
 
     async def _drain(self, ids: list[str], deadline: float) -> None:
         try:
@@ -125,7 +192,8 @@ class SpotController:
             for rid in ids:
                 remaining = len(self.registry.on_replica(rid))
                 log.info("drain of %s done: %d streams left at the end", rid, remaining)
-                if self.cfg.replace and self.pool.replicas[rid].managed:
+                r = self.pool.replicas.get(rid)
+                if self.cfg.replace and r is not None and r.managed:
                     await self.supervisor.kill(rid, signal.SIGTERM)  # restarted: the replacement
         finally:
             for rid in ids:

@@ -282,3 +282,33 @@ class FakeAzureImds(FakeServer):
         self.acknowledged += ids
         self.incarnation += 1
         return Response(200)
+
+
+class InThread:
+    """Runs a fake on an event loop of its own thread, for tests that are not async
+    (end-to-end tests driving other processes). :meth:`call` changes its state on that
+    loop, so a change is never seen half-made by a request being served."""
+
+    def __init__(self, fake: FakeServer) -> None:
+        import threading
+
+        self.fake = fake
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> InThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.fake.start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.fake.close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        async def run() -> Any:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from metadata_fakes import FakeAzureImds, FakeClock, FakeGcpMetadata, FakeImds
+
+from albatross.testing.metadata_fakes import FakeAzureImds, FakeClock, FakeGcpMetadata, FakeImds
 
 
 @pytest.fixture

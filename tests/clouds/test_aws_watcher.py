@@ -5,9 +5,9 @@ from __future__ import annotations
 import calendar
 
 import pytest
-from metadata_fakes import FakeClock, FakeImds, free_port
 
 from albatross.clouds import AwsWatcher, NoticeSourceError
+from albatross.testing.metadata_fakes import FakeClock, FakeImds, free_port
 
 ACTION_TIME = "2026-11-23T10:00:00Z"
 ACTION_EPOCH = float(calendar.timegm((2026, 11, 23, 10, 0, 0)))

@@ -6,9 +6,9 @@ import calendar
 
 import orjson
 import pytest
-from metadata_fakes import FakeAzureImds, FakeClock, free_port
 
 from albatross.clouds import AzureWatcher, LocalWatcher, NoticeSourceError
+from albatross.testing.metadata_fakes import FakeAzureImds, FakeClock, free_port
 
 NOT_BEFORE_EPOCH = float(calendar.timegm((2016, 9, 19, 18, 29, 47)))
 

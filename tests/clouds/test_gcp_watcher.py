@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from metadata_fakes import FakeClock, FakeGcpMetadata, free_port
 
 from albatross.clouds import GcpWatcher, NoticeSourceError
+from albatross.testing.metadata_fakes import FakeClock, FakeGcpMetadata, free_port
 
 PATH = "/computeMetadata/v1/instance/preempted"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from metadata_fakes import FakeClock
 
 from albatross.clouds import LocalWatcher
+from albatross.testing.metadata_fakes import FakeClock
 
 
 async def test_a_trigger_is_polled_once(clock: FakeClock) -> None:

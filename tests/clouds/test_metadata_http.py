@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from metadata_fakes import free_port
 
 from albatross.clouds.http import HttpTransportError, request
+from albatross.testing.metadata_fakes import free_port
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 
 import pytest
-from metadata_fakes import FakeAzureImds, FakeClock, FakeGcpMetadata, FakeImds, free_port
 
 from albatross.clouds import (
     AwsWatcher,
@@ -21,6 +20,13 @@ from albatross.clouds import (
     NoticeWatcher,
     PreemptionNotice,
     watch,
+)
+from albatross.testing.metadata_fakes import (
+    FakeAzureImds,
+    FakeClock,
+    FakeGcpMetadata,
+    FakeImds,
+    free_port,
 )
 
 TERMINATE = {"action": "terminate", "time": "2026-11-23T10:00:00Z"}
