@@ -270,7 +270,7 @@ class Agent:
                 log.error("could not acknowledge Azure event %s: %s", notice.event_id, exc)
         if self.config.spot.replace:
             for rid in ids:
-                await self.supervisor.kill(rid, signal.SIGTERM)  # restarted, then re-registered
+                await self.supervisor.replace(rid)  # restarted, then re-registered
 
     async def _wait_empty(self, ids: list[str], deadline: float) -> None:
         """Until the gateway has no stream on ``ids`` or ``deadline`` (wall clock) passed."""

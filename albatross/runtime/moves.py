@@ -97,11 +97,25 @@ async def move(
             try:
                 # The source keeps decoding while the target prefills; prefill again
                 # while that left it more than a few tokens behind, so the cut-over
-                # costs about one decode step.
-                done = -PREWARM_CLOSE_ENOUGH - 1
+                # costs about one decode step. Stop chasing when a round did not at
+                # least halve the gap: the target prefills no faster than the source
+                # decodes (numerics = "exact" prefills one token per micro-batch, and
+                # a busy target is slow), and more rounds would only delay the move
+                # (a drain's deadline) without shortening the stall.
+                done, behind = -PREWARM_CLOSE_ENOUGH - 1, None
                 for _ in range(PREWARM_ROUNDS):
-                    if j.frontier - done <= PREWARM_CLOSE_ENOUGH or session.leg is not leg:
+                    gap = j.frontier - done
+                    if gap <= PREWARM_CLOSE_ENOUGH or session.leg is not leg:
                         break
+                    if behind is not None and gap > behind // 2:
+                        log.info(
+                            "%s: pre-warm on %s not converging (%d tokens behind); cutting over",
+                            session.request_id,
+                            target.replica_id,
+                            gap,
+                        )
+                        break
+                    behind = gap
                     done = j.frontier
                     await target.client.prefill(j.prompt_ids + tuple(j.ids[:done]), tslot)
             except AlbatrossError as exc:

@@ -194,7 +194,7 @@ class SpotController:
                 log.info("drain of %s done: %d streams left at the end", rid, remaining)
                 r = self.pool.replicas.get(rid)
                 if self.cfg.replace and r is not None and r.managed:
-                    await self.supervisor.kill(rid, signal.SIGTERM)  # restarted: the replacement
+                    await self.supervisor.replace(rid)  # restarted: the replacement
         finally:
             for rid in ids:
                 self.drains.pop(rid, None)
@@ -231,6 +231,15 @@ class SpotController:
         for req in plan.ids(Decision.MIGRATE_NOW):
             if req not in self._moving:
                 self._moving.add(req)
+                log.info(
+                    "drain of %s: moving %s now (at token %d of %d; %.1f ms/token, %.1f s left)",
+                    rid,
+                    req,
+                    len(by_id[req].journal),
+                    by_id[req].journal.params.max_tokens,
+                    spt * 1000,
+                    deadline - now,
+                )
                 self.registry.spawn(self._move(by_id[req].request_id))
 
     async def _move(self, request_id: str) -> None:
@@ -239,7 +248,9 @@ class SpotController:
         try:
             s = self.registry.live.get(request_id)
             if s is not None:
-                await move(s, None, None, FailureReason.DRAINED)
+                t0 = time.perf_counter()
+                path = await move(s, None, None, FailureReason.DRAINED)
+                log.info("drain: %s %s in %.2f s", request_id, path, time.perf_counter() - t0)
         except AlbatrossError as exc:
             log.warning("drain: %s not moved: %s", request_id, exc.message)
         finally:

@@ -321,6 +321,31 @@ class Supervisor:
             logger.info("replica %s: sending %s to pid %d", replica_id, signal_name(sig), proc.pid)
             proc.signal_group(sig)
 
+    async def replace(self, replica_id: str) -> None:
+        """Stop the replica's process politely (TERM, ``stop_grace_s``, KILL); the
+        supervisor then restarts it like any lost replica. Returns once it has exited.
+
+        An engine may not finish a SIGTERM while a client keeps a connection to it
+        alive (llama-server waits for its keep-alive connections), hence the KILL.
+        """
+        proc = self._replica(replica_id).proc
+        if proc is None or proc.returncode is not None:
+            return
+        logger.info("replica %s: replacing pid %d", replica_id, proc.pid)
+        proc.signal_group(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(self._config.stop_grace_s):
+                await proc.wait()
+        except TimeoutError:
+            logger.warning(
+                "replica %s: pid %d still running %.1f s after SIGTERM; SIGKILL",
+                replica_id,
+                proc.pid,
+                self._config.stop_grace_s,
+            )
+            proc.signal_group(signal.SIGKILL)
+            await proc.wait()
+
     def _replica(self, replica_id: str) -> _Replica:
         try:
             return self._replicas[replica_id]

@@ -55,6 +55,11 @@ AWS_ENV = {
     "AWS_DEFAULT_REGION": REGION,
 }
 _AGENT_UP = re.compile(r"albatross agent (\S+): serving")
+STREAMS, LONG, LEAD_S = 4, 2000, 5
+"""Four 2000-token streams, two on each replica (free slots first): the notified host
+always carries streams that cannot finish within the notice's LEAD_S, and the other
+host has free slots for them. The lead leaves time for pre-warm moves, which with
+``numerics = "exact"`` prefill at about decoding speed."""
 
 
 @dataclass
@@ -140,32 +145,24 @@ def _replicas(c: httpx.Client) -> dict[str, dict[str, Any]]:
 
 
 def _run_streams(
-    c: httpx.Client, url: str, lengths: list[int], tag: str, on_victim: str
+    c: httpx.Client, url: str, tag: str, on_victim: str
 ) -> tuple[list[threading.Thread], list[dict[str, object]], list[str]]:
-    """References first (plain requests), then the same prompts streamed; returns once
-    ``on_victim`` has a long stream in flight."""
-    prompts = [f"{tag} {i} begins with the words" for i in range(len(lengths))]
-    refs = [
-        c.post(
-            "/v1/completions",
-            json={"model": MODEL, "prompt": p, "max_tokens": n, "temperature": 0},
-        ).json()["choices"][0]["text"]
-        for p, n in zip(prompts, lengths, strict=True)
-    ]
-    outs: list[dict[str, object]] = [{} for _ in lengths]
-    threads = [
-        threading.Thread(target=_stream, args=(url, p, n, o))
-        for p, n, o in zip(prompts, lengths, outs, strict=True)
-    ]
+    """:data:`STREAMS` streams of one prompt (a reference first, as a plain request);
+    returns once each replica carries two of them."""
+    prompt = f"{tag} begins with the words"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": LONG, "temperature": 0}
+    ref = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    outs: list[dict[str, object]] = [{} for _ in range(STREAMS)]
+    threads = [threading.Thread(target=_stream, args=(url, prompt, LONG, o)) for o in outs]
     for t in threads:
         t.start()
 
-    def victim_busy() -> bool:
+    def spread() -> bool:
         live = c.get("/admin/requests").json()["requests"]
-        return any(r["replica"] == on_victim and r["max_tokens"] >= 1000 for r in live)
+        return sum(r["replica"] == on_victim for r in live) == STREAMS // 2 and len(live) == STREAMS
 
-    assert wait_until(victim_busy, 30), c.get("/admin/requests").json()
-    return threads, outs, refs
+    assert wait_until(spread, 30), c.get("/admin/requests").json()
+    return threads, outs, [ref] * STREAMS
 
 
 def _check_streams(
@@ -254,8 +251,8 @@ def test_two_agents_survive_aws_and_azure_notices(
             a_pid = reps[a_id]["pid"]
 
             # ---- AWS: a spot interruption notice on host A's metadata service ----------
-            threads, outs, refs = _run_streams(c, gw.url, [20, 2000, 2000, 30], "Report", a_id)
-            when = datetime.fromtimestamp(time.time() + 4, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            threads, outs, refs = _run_streams(c, gw.url, "Report", a_id)
+            when = datetime.fromtimestamp(time.time() + LEAD_S, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             imds_thread.call(
                 setattr, imds, "instance_action", {"action": "terminate", "time": when}
             )
@@ -286,7 +283,7 @@ def test_two_agents_survive_aws_and_azure_notices(
                 metric_value(metrics, "albatross_migrations_total", reason="drained", path=p)
                 for p in ("kv", "prewarm", "reprefill")
             )
-            # A 2000-token stream cannot finish on A in 4 s, and B has free slots for it.
+            # A's two streams cannot finish before the deadline; B has 2 free slots.
             assert moved >= 1, (
                 [ln for ln in metrics.splitlines() if "migrations" in ln],
                 [c.get(f"/admin/requests/{o['id']}").json()["legs"] for o in outs],
@@ -326,8 +323,10 @@ def test_two_agents_survive_aws_and_azure_notices(
             assert row["preemptions_survived"] == 1 and row["instance_type"] == "c7i.large"
 
             # ---- Azure: an eviction on host B, acknowledged once drained ----------------
-            threads, outs, refs = _run_streams(c, gw.url, [30, 1000, 1000, 20], "Memo", b_id)
-            not_before = format_datetime(datetime.fromtimestamp(time.time() + 4, UTC), usegmt=True)
+            threads, outs, refs = _run_streams(c, gw.url, "Memo", b_id)
+            not_before = format_datetime(
+                datetime.fromtimestamp(time.time() + LEAD_S, UTC), usegmt=True
+            )
             # An eviction of another VM of the availability set first: not ours, ignored.
             azure_thread.call(lambda: azure.schedule(EventId="evict-x", Resources=["host-x"]))
             azure_thread.call(

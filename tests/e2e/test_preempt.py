@@ -98,8 +98,10 @@ def test_preemption_notice_drains_by_deadline_and_replaces_the_replica(
         assert json.loads(cli.stdout)["replicas"] == [victim]
 
         # A request arriving during the drain goes elsewhere.
+        # Draining, or already empty and being replaced (moves can finish within the
+        # round trip of this call): either way it admits nothing.
         states = {r["id"]: r["state"] for r in c.get("/admin/replicas").json()["replicas"]}
-        assert states[victim] == "draining"
+        assert states[victim] in ("draining", "down", "starting"), states
         fresh: dict[str, object] = {}
         late = threading.Thread(target=_stream, args=(served.url, "A late request", 333, fresh))
         late.start()
@@ -111,7 +113,9 @@ def test_preemption_notice_drains_by_deadline_and_replaces_the_replica(
             return None
 
         assert wait_until(lambda: placed() is not None, 20)
-        assert placed() != victim
+        where = placed()
+        pid_now = next(r["pid"] for r in c.get("/admin/replicas").json()["replicas"] if r["id"] == victim)
+        assert where != victim or pid_now not in (None, old_pid), (where, pid_now)  # or its replacement
         threads.append(late)
 
         for t in threads:
