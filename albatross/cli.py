@@ -38,6 +38,15 @@ def _resolve_files(config: Config) -> EngineFiles:
     for i, m in enumerate(config.models):
         if m.replicas == 0:
             continue
+        if m.engine == "vllm":
+            raise ConfigError(
+                "config",
+                [
+                    f"models.{i}.engine = 'vllm': the gateway streams only from llama-server "
+                    "for now (vLLM's sleep and wake are available through "
+                    "albatross.engines.vllm)"
+                ],
+            )
         p = m.path if m.path is not None else embedded_model_path()
         if not p.is_file():
             raise ConfigError("config", [f"models.{i}.path = {str(p)!r}: file does not exist"])
@@ -260,6 +269,16 @@ def preempt(
             url, token, "POST", "/admin/preempt", {"replica": replica, "deadline_s": deadline_s}
         )
     )
+
+
+@app.command("migrate-gateway")
+def migrate_gateway(
+    to: Annotated[str, typer.Option(help="The peer gateway (its netmove id or host).")],
+    url: _URL = "http://127.0.0.1:8000",
+    token: _TOKEN = None,
+) -> None:
+    """Move every live streaming connection of a gateway to a peer, mid-stream."""
+    print(_control_call(url, token, "POST", "/admin/migrate-gateway", {"to": to}))
 
 
 @app.command()

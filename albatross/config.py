@@ -9,6 +9,8 @@ exit code 2.
 
 from __future__ import annotations
 
+import os
+import shutil
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +23,17 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from albatross.core.eviction import (
+    EngineKind,
+    EvictionPolicy,
+    EvictionPolicyError,
+    HostTools,
+    Process,
+    Weights,
+)
+from albatross.core.eviction import validate as validate_eviction
+from albatross.core.switch_policy import ModelSpec, Policy, SettingsError, SwitchSettings
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -189,14 +202,77 @@ class LlamaServerConfig(_Frozen):
     """Build cache; unset = ``$ALBATROSS_CACHE`` or ``~/.cache/albatross``."""
 
 
+class EvictionConfig(_Frozen):
+    """How a model sleeps on a shared GPU: where its weights go, what its process does
+    (see README: Several models on one GPU; ``core/eviction.py`` has the matrix)."""
+
+    weights: Literal["retain", "offload", "discard"] = "discard"
+    process: Literal["keep_running", "cuda_suspend", "checkpoint", "stop"] = "stop"
+
+
+class SwitchConfig(_Frozen):
+    """Several models taking turns on one GPU (see README: Several models on one GPU).
+
+    Off while ``gpu_budget_gib`` is empty: every model then runs all the time, as
+    configured by its ``replicas``."""
+
+    gpu_budget_gib: dict[str, Annotated[float, Field(gt=0)]] = {}
+    """GPU name -> memory the models resident on it may use together; models name their
+    GPU in ``gpu``. Empty = switching off."""
+    policy: Literal["fifo", "cost_aware"] = "fifo"
+    """Whom to wake next: the oldest waiting request's model, or the most requests per
+    second of switch cost (coalescing requests for ``coalesce_s``, at most ``max_wait_s``)."""
+    queue_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    """A request waits at most this long for its model to wake; then 504."""
+    min_active_s: Annotated[float, Field(ge=0)] = 10.0
+    """A woken model serves at least this long before it may be evicted (no thrashing)."""
+    coalesce_s: Annotated[float, Field(ge=0)] = 2.0
+    max_wait_s: Annotated[float, Field(gt=0)] = 30.0
+    cost_alpha: Annotated[float, Field(gt=0, le=1)] = 0.3
+    """Weight of the newest measurement in the switch-cost estimate."""
+    max_wake_attempts: Annotated[int, Field(ge=1)] = 3
+    """Failed wakes in a row after which waiting requests get 503 with Retry-After."""
+    wake_backoff_initial_s: Annotated[float, Field(gt=0)] = 1.0
+    wake_backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
+    cuda_checkpoint_command: str = "cuda-checkpoint"
+    """NVIDIA's cuda-checkpoint (a name on PATH or a path), for ``process = "cuda_suspend"``."""
+    criu_command: Path | None = None
+    """criu for ``process = "checkpoint"``; unset = ``checkpoint.criu`` or the private install."""
+    router_args: tuple[str, ...] = ()
+    """More arguments for the shared llama-server router (models with ``weights =
+    "discard"``, ``process = "keep_running"``), passed as they are (no shell)."""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.gpu_budget_gib)
+
+
+class VllmConfig(_Frozen):
+    """How vLLM engines are launched (models with ``engine = "vllm"``)."""
+
+    python: Path | None = None
+    """A python with vLLM installed; unset = the venv of ``python -m albatross.engines.vllm_install``."""
+    dtype: str = "float32"
+    """``--dtype``; float32 makes greedy tokens match llama-server's on CPU."""
+    enforce_eager: bool = True
+    """``--enforce-eager``: no graph capture (starts in about half the time)."""
+    cpu_kvcache_space_gib: Annotated[int, Field(ge=1)] = 1
+    """``VLLM_CPU_KVCACHE_SPACE`` on CPU hosts."""
+    enable_sleep_mode: bool = False
+    """``--enable-sleep-mode``: needed on GPU hosts for sleep to free memory; vLLM
+    refuses it on CPU hosts, where sleep then answers and frees nothing."""
+
+
 class ModelConfig(_Frozen):
     """One model served under one name, by managed replicas or existing endpoints."""
 
     name: Annotated[str, Field(min_length=1, max_length=256)]
     """The name clients put in ``model``."""
-    engine: Literal["llama-server"] = "llama-server"
+    engine: Literal["llama-server", "vllm"] = "llama-server"
+    """vLLM runs only with switching on (``switch.gpu_budget_gib``), one engine per model."""
     path: Path | None = None
-    """GGUF file for managed replicas; unset = the embedded SmolLM2-135M-Instruct."""
+    """GGUF file for managed replicas (a Hugging Face directory for vLLM); unset = the
+    embedded SmolLM2-135M-Instruct."""
     replicas: Annotated[int, Field(ge=0, le=64)] = 2
     """Managed replicas to start: 0 when only ``endpoints`` or replicas registered by
     ``albatross agent`` hosts serve the model."""
@@ -218,6 +294,17 @@ class ModelConfig(_Frozen):
     exact, re-prefill may flip greedy near-ties (see README: Exactness)."""
     extra_args: tuple[str, ...] = ()
     """Further llama-server arguments, passed as they are (never through a shell)."""
+    eviction: EvictionConfig = EvictionConfig()
+    """With switching on: how the model is put to sleep when another needs its GPU."""
+    footprint_gib: Annotated[float, Field(gt=0)] = 1.0
+    """GPU memory the model holds while awake (weights + KV cache + runtime)."""
+    gpu: str = "0"
+    """Which of ``switch.gpu_budget_gib`` it runs on."""
+    pinned: bool = False
+    """Never evicted (the control API can unpin it)."""
+    wake_prior_s: Annotated[float, Field(ge=0)] = 10.0
+    """Expected wake time until one has been measured (cost-aware policy)."""
+    sleep_prior_s: Annotated[float, Field(ge=0)] = 2.0
 
     @field_validator("endpoints")
     @classmethod
@@ -226,7 +313,6 @@ class ModelConfig(_Frozen):
             if not (url.startswith("http://") and len(url) > len("http://")):
                 raise ValueError(f"endpoint {url!r} must be an http:// base URL")
         return tuple(u.rstrip("/") for u in v)
-
 
 
 class CheckpointConfig(_Frozen):
@@ -254,6 +340,61 @@ class CheckpointConfig(_Frozen):
     """S3-compatible endpoint; unset = AWS."""
 
 
+class NetmoveConfig(_Frozen):
+    """Moving live client connections to another gateway host (see README: Moving live
+    connections between gateways). Off by default; needs root or CAP_NET_ADMIN +
+    CAP_BPF, and the same settings (with their own ``gateway_id``) on every peer."""
+
+    enabled: bool = False
+    gateway_id: str | None = None
+    """This gateway's name in handoffs (peers address it by this name); required."""
+    interface: str = "eth0"
+    """The interface clients reach the VIP through: the hold and the guard attach here."""
+    vip: str | None = None
+    """The service address clients connect to (it moves with the connections); required."""
+    vip_prefixlen: Annotated[int, Field(ge=1, le=128)] | None = None
+    """Prefix of the VIP on ``interface``; unset = a host prefix (/32 or /128)."""
+    route_netns: str | None = None
+    """A named network namespace (``/run/netns/NAME``) whose host route for the VIP is
+    pointed at the gateway that holds it (a router on this machine); unset = none."""
+    route_via: str | None = None
+    """This gateway's address as that route's next hop (with ``route_netns``)."""
+    listen_host: str = "0.0.0.0"
+    listen_port: Annotated[int, Field(ge=0, le=65535)] = 7070
+    """Where the handoff server listens for connections moved here."""
+    peers: dict[str, str] = {}
+    """Gateway id -> ``host:port`` of its handoff server; ``migrate-gateway --to`` names
+    one (by id or host), a preemption notice for this host picks the first."""
+    key_file: Path | None = None
+    """File holding the shared handoff key (>= 16 bytes); unset = ``$ALBATROSS_HANDOFF_KEY``."""
+    drain_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
+    """How long to wait for clients to acknowledge what they were sent; then the
+    unacknowledged bytes travel with the socket state."""
+    on_preemption: bool = True
+    """Move every connection to the first peer when this host gets a preemption notice."""
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_addresses(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, addr in v.items():
+            host, sep, port = addr.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"peer {name!r}: {addr!r} must be host:port")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> NetmoveConfig:
+        if self.enabled:
+            missing = [k for k in ("gateway_id", "vip") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} must be set when enabled")
+            if (self.route_netns is None) != (self.route_via is None):
+                raise ValueError("route_netns and route_via go together")
+            if self.gateway_id in self.peers:
+                raise ValueError(f"peers must not name this gateway ({self.gateway_id!r})")
+        return self
+
+
 class Config(_Frozen):
     """The whole configuration."""
 
@@ -265,6 +406,9 @@ class Config(_Frozen):
     control: ControlConfig = ControlConfig()
     spot: SpotConfig = SpotConfig()
     agent: AgentConfig = AgentConfig()
+    netmove: NetmoveConfig = NetmoveConfig()
+    switch: SwitchConfig = SwitchConfig()
+    vllm: VllmConfig = VllmConfig()
     models: Annotated[tuple[ModelConfig, ...], Field(min_length=1)] = (
         ModelConfig(name=DEFAULT_MODEL_NAME),
     )
@@ -279,11 +423,104 @@ class Config(_Frozen):
             seen.add(m.name)
         return v
 
+    @model_validator(mode="after")
+    def _switching(self) -> Config:
+        for i, m in enumerate(self.models):
+            if m.engine == "vllm" and not self.switch.active:
+                raise ValueError(
+                    f"models.{i}.engine = 'vllm': vLLM models run only with switching on; "
+                    "set switch.gpu_budget_gib"
+                )
+            if self.switch.active and (m.replicas != 1 or m.endpoints):
+                raise ValueError(
+                    f"models.{i} ({m.name!r}): replicas = {m.replicas}, endpoints = "
+                    f"{list(m.endpoints)}: with switching on a model runs exactly one managed "
+                    "engine (replicas = 1, no endpoints)"
+                )
+            try:
+                validate_eviction(
+                    m.name, EngineKind(m.engine), _policy(m), host_tools(self, only=m)
+                )
+            except EvictionPolicyError as exc:
+                hint = ""
+                if m.eviction.process == "cuda_suspend":
+                    hint = f" (switch.cuda_checkpoint_command = {self.switch.cuda_checkpoint_command!r} was not found)"
+                raise ValueError(f"models.{i}.eviction: {exc}{hint}") from None
+        if self.switch.active:
+            try:
+                switch_settings(self)
+            except SettingsError as exc:
+                raise ValueError(f"switch: {exc}") from None
+        return self
+
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:
             if m.name == name:
                 return m
         return None
+
+
+def _policy(m: ModelConfig) -> EvictionPolicy:
+    return EvictionPolicy(Weights(m.eviction.weights), Process(m.eviction.process))
+
+
+def host_tools(config: Config, only: ModelConfig | None = None) -> HostTools:
+    """Which tools the eviction policies need are on this host (looked up only for the
+    models, or the one model, whose policy needs them)."""
+    models = (only,) if only is not None else config.models
+    processes = {m.eviction.process for m in models}
+    cuda = False
+    if "cuda_suspend" in processes:
+        cuda = shutil.which(config.switch.cuda_checkpoint_command) is not None
+    criu = False
+    if "checkpoint" in processes:
+        criu = criu_command(config) is not None
+    return HostTools(cuda_checkpoint=cuda, criu=criu)
+
+
+def criu_command(config: Config) -> Path | None:
+    """The criu the switch uses: ``switch.criu_command``, ``checkpoint.criu``, else the
+    private install (None when none is there)."""
+    for p in (config.switch.criu_command, config.checkpoint.criu):
+        if p is not None:
+            return p if os.access(p, os.X_OK) else None
+    # Lazy: checkpoint.install imports modules that import this one.
+    from albatross.checkpoint.install import installed_criu
+
+    return installed_criu()
+
+
+def switch_settings(config: Config, tools: HostTools | None = None) -> SwitchSettings:
+    """The scheduler's settings for ``config`` (switching on). Raises the core's
+    :class:`SettingsError` or :class:`EvictionPolicyError` naming key, value and rule."""
+    sw = config.switch
+    specs = tuple(
+        ModelSpec(
+            name=m.name,
+            engine=EngineKind(m.engine),
+            eviction=_policy(m),
+            footprint_gib=m.footprint_gib,
+            gpu=m.gpu,
+            pinned=m.pinned,
+            wake_prior_s=m.wake_prior_s,
+            sleep_prior_s=m.sleep_prior_s,
+        )
+        for m in config.models
+    )
+    return SwitchSettings(
+        models=specs,
+        gpu_budget_gib=sw.gpu_budget_gib,
+        policy=Policy(sw.policy),
+        queue_timeout_s=sw.queue_timeout_s,
+        min_active_s=sw.min_active_s,
+        coalesce_s=sw.coalesce_s,
+        max_wait_s=sw.max_wait_s,
+        cost_alpha=sw.cost_alpha,
+        max_wake_attempts=sw.max_wake_attempts,
+        wake_backoff_initial_s=sw.wake_backoff_initial_s,
+        wake_backoff_max_s=sw.wake_backoff_max_s,
+        tools=tools if tools is not None else host_tools(config),
+    )
 
 
 class ConfigError(Exception):
@@ -314,6 +551,10 @@ def _describe(err: ValidationError) -> list[str]:
         rule = e["msg"]
         if e["type"] == "extra_forbidden":
             rule = "unknown key"
+        if not loc and e["type"] == "value_error":
+            # A rule across sections: its message names the keys and values itself.
+            lines.append(rule.removeprefix("Value error, "))
+            continue
         lines.append(f"{key} = {shown}: {rule}")
     return lines
 

@@ -11,12 +11,21 @@ Contract of a handler: ``async (Request) -> None``; it must answer with
 :meth:`Connection.send_chunk`... :meth:`Connection.end_stream`. Requests on one
 connection are answered in order (pipelined requests wait their turn). A client that
 goes away fires the callbacks registered with :meth:`Connection.on_disconnect`.
+
+Moving a connection to another gateway mid-response (``runtime/gateway_move.py``):
+the source calls :meth:`Connection.freeze_writes` (every later write is dropped, so
+the client's bytes end at a chunk boundary), waits for :meth:`Connection.unsent` to be
+0 and takes the socket out with :meth:`Connection.detach_socket`; the target wraps the
+restored socket in :meth:`Connection.adopted` and finishes the response with
+:meth:`Connection.serve_adopted`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -77,6 +86,10 @@ class Connection(asyncio.Protocol):
         self._drain.set()
         self._pause_cbs: list[tuple[Callable[[], None], Callable[[], None]]] = []
         self._response_started = False
+        self._frozen = False
+        self._in_message = False
+        self._body_open = False
+        self._adopting = False
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -114,6 +127,7 @@ class Connection(asyncio.Protocol):
 
     # ---- httptools callbacks -------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._url = b""
         self._headers = {}
         self._body = []
@@ -145,6 +159,7 @@ class Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._too_large:
             return
         method = self._parser.get_method().decode("latin-1")
@@ -152,7 +167,7 @@ class Connection(asyncio.Protocol):
         self._queue.append(
             Request(self, method, self._url, self._headers, b"".join(self._body), keep)
         )
-        if self._worker is None or self._worker.done():
+        if not self._adopting and (self._worker is None or self._worker.done()):
             self._worker = asyncio.get_running_loop().create_task(self._serve())
 
     # ---- request processing -------------------------------------------------------
@@ -213,7 +228,7 @@ class Connection(asyncio.Protocol):
         headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Send a whole response."""
-        if self.transport is None or self.closed:
+        if self.transport is None or self.closed or self._frozen:
             return
         if close:
             self._keep_alive = False
@@ -229,9 +244,14 @@ class Connection(asyncio.Protocol):
         self, status: int = 200, content_type: str = "text/event-stream", first: bytes = b""
     ) -> None:
         """Send the head of a chunked response (and optionally its first chunk)."""
-        if self.transport is None or self.closed:
+        if self.transport is None or self.closed or self._frozen:
             return
         self._response_started = True
+        if self._body_open:
+            # A response begun on another gateway: its head is out, the body goes on.
+            self._body_open = False
+            self.send_chunk(first)
+            return
         head = self._head(
             status,
             [
@@ -247,11 +267,11 @@ class Connection(asyncio.Protocol):
 
     def send_chunk(self, data: bytes) -> None:
         """One chunk, one syscall."""
-        if data and self.transport is not None and not self.closed:
+        if data and self.transport is not None and not self.closed and not self._frozen:
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     def end_stream(self, last: bytes = b"") -> None:
-        if self.transport is None or self.closed:
+        if self.transport is None or self.closed or self._frozen:
             return
         if last:
             self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last))
@@ -272,6 +292,91 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    # ---- moving to another gateway -------------------------------------------------
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the request being answered lets the connection serve another."""
+        return self._keep_alive
+
+    @property
+    def idle(self) -> bool:
+        """No request being answered, queued or half received."""
+        busy = self._worker is not None and not self._worker.done()
+        return not busy and not self._queue and not self._in_message
+
+    def freeze_writes(self) -> None:
+        """Drop every later write: the client's bytes end where they are now, at a chunk
+        boundary (each write is whole chunks). Bytes already written still drain."""
+        self._frozen = True
+
+    def unsent(self) -> int:
+        """Bytes written but still in the transport's buffer (not yet in the kernel)."""
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
+    def detach_socket(self) -> socket.socket:
+        """Take the TCP connection out of the event loop without ending it.
+
+        Returns a blocking socket on a duplicate of the descriptor; the transport then
+        closes its own descriptor, which is not the last one, so no FIN or RST goes
+        out. Call it after :meth:`freeze_writes` and once :meth:`unsent` is 0: bytes
+        still in the transport's buffer would be lost. The disconnect callbacks run
+        (the request's generation stops here).
+        """
+        if self.transport is None or self.closed:
+            raise ConnectionError("the connection is closed")
+        self.transport.pause_reading()
+        raw = self.transport.get_extra_info("socket")
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        sock.setblocking(True)
+        self._frozen = True
+        self.transport.abort()
+        return sock
+
+    @classmethod
+    def adopted(
+        cls,
+        handler: Handler,
+        render_error: ErrorRenderer,
+        max_body: int,
+        *,
+        keep_alive: bool,
+        head_sent: bool,
+    ) -> Connection:
+        """A connection restored from another gateway, in the middle of a response.
+
+        No request is parsed until that response ends (pipelined ones wait, as usual);
+        if ``head_sent``, the next :meth:`start_stream` writes only its first chunk.
+        Attach it with ``loop.create_connection(lambda: conn, sock=sock)``.
+        """
+        conn = cls(handler, render_error, max_body)
+        conn._keep_alive = keep_alive
+        conn._body_open = head_sent
+        conn._response_started = head_sent
+        conn._adopting = True
+        return conn
+
+    def serve_adopted(self, respond: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """Finish the response begun on another gateway with ``respond()``; then close,
+        or serve the requests that came meanwhile, as the original request asked."""
+        self._worker = asyncio.get_running_loop().create_task(self._finish_adopted(respond))
+        self._adopting = False
+        return self._worker
+
+    async def _finish_adopted(self, respond: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await respond()
+        except AlbatrossError as exc:
+            self._answer_error(exc)
+        except Exception:  # the edge, as in _serve
+            log.exception("unhandled error finishing a moved response")
+            self._answer_error(InternalError("internal error; see the gateway log"))
+        self._disconnect_cbs.clear()
+        self._pause_cbs.clear()
+        if not self._keep_alive:
+            self.close()
+            return
+        await self._serve()
 
 
 async def serve(

@@ -15,6 +15,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     disable_created_metrics,
     generate_latest,
 )
@@ -165,3 +166,45 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_SWITCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class SwitchMetrics:
+    """Models taking turns on a GPU (a few events per switch: plain prometheus types)."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.switches = Counter(
+            "albatross_switches",
+            "Model switches, by the models put to sleep (comma-separated, none), the model "
+            "woken and the result (ok, failed, abandoned).",
+            ["from", "to", "result"],
+            registry=r,
+        )
+        self.phase_seconds = Histogram(
+            "albatross_switch_phase_seconds",
+            "Duration of each phase of a switch: drain (streams ending), sleep, wake.",
+            ["phase"],
+            buckets=_SWITCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "albatross_switch_queue_depth",
+            "Requests waiting for their model to wake.",
+            ["model"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "albatross_switch_queue_wait_seconds",
+            "Time a request waited for its model (0 when it was awake).",
+            ["model"],
+            buckets=(0.0, *_SWITCH_BUCKETS),
+            registry=r,
+        )
+        self.awake = Gauge(
+            "albatross_model_awake",
+            "1 while the model is awake and serving.",
+            ["model"],
+            registry=r,
+        )

@@ -38,6 +38,11 @@ class Encoder:
             self._pre = b"data: " + self._base + b'"choices":[{"index":0,"text":'
             self._suf = b',"logprobs":null,"finish_reason":null}]}\n\n'
 
+    @property
+    def kind(self) -> str:
+        """``chat`` or ``completion``."""
+        return self._kind
+
     # Event ids (every event has one, strictly increasing): the chat role event -1,
     # text events the journal position of their last token, the final event the
     # stream's length L, the usage event L + 1. ``data: [DONE]`` is the end marker.

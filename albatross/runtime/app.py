@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from albatross.config import Config, ModelConfig
 from albatross.core.cost import Price
@@ -23,7 +24,11 @@ from albatross.runtime.handlers import Api
 from albatross.runtime.pool import Pool
 from albatross.runtime.registry import Registry
 from albatross.runtime.spot import SpotController
+from albatross.runtime.switching import Switcher
 from albatross.supervisor.supervisor import ReplicaSpec, Supervisor
+
+if TYPE_CHECKING:
+    from albatross.runtime.gateway_move import GatewayMove
 
 log = logging.getLogger("albatross")
 
@@ -124,6 +129,8 @@ class App:
                     instance_type=m.instance_type,
                     price=_price(m),
                 )
+        if config.switch.active:
+            specs = []  # switched models are started and stopped by the switcher
         images = None
         if config.checkpoint.enabled:
             from albatross.checkpoint.engine import ReplicaCheckpointer
@@ -134,6 +141,23 @@ class App:
         self.supervisor = Supervisor(specs, config.supervisor, self.pool, probe, images=images)
         self.spot = SpotController(config.spot, self.pool, self.registry, self.supervisor)
         self.api = Api(config, self.pool, self.metrics, self.registry, self.spot)
+        self.switcher: Switcher | None = None
+        if config.switch.active:
+            self.switcher = Switcher(
+                config, self.pool, self.metrics, probe,
+                llama_server=files.llama_server, model_paths=files.model_paths,
+            )  # fmt: skip
+            self.api.switcher = self.api.control.switcher = self.switcher
+        self.gateway_move: GatewayMove | None = None
+        if config.netmove.enabled:
+            from albatross.runtime.gateway_move import GatewayMove
+
+            self.gateway_move = GatewayMove(
+                config.netmove, self.api.services, self.api, config.gateway.max_body_bytes
+            )
+            self.api.control.gateway_move = self.gateway_move
+            if config.netmove.on_preemption and config.netmove.peers:
+                self.spot.host_notice_listeners.append(self._move_gateway_on_notice)
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -149,11 +173,15 @@ class App:
         for stale in slot_dir.glob("*.bin"):
             stale.unlink(missing_ok=True)  # KV files of moves cut short by a crash
         await self.supervisor.start()
+        if self.switcher is not None:
+            await self.switcher.start()
         self._tasks.append(asyncio.create_task(self._check_health(), name="health-checks"))
         self._tasks.append(asyncio.create_task(self.registry.watch(), name="stream-watchdog"))
         if self.config.spot.source != "none":
             self._tasks.append(asyncio.create_task(self.spot.run(), name="preemption-notices"))
         g = self.config.gateway
+        if self.gateway_move is not None:
+            await self.gateway_move.start()
         self._server = await serve(self.api, error_response, g.host, g.port, g.max_body_bytes)
 
     async def stop(self, grace_s: float = 2.0) -> None:
@@ -170,8 +198,29 @@ class App:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if self.gateway_move is not None:
+            await self.gateway_move.close()
         await self.registry.close()
+        if self.switcher is not None:
+            await self.switcher.close()
         await self.supervisor.close()
+
+    def _move_gateway_on_notice(self, source: str) -> None:
+        """This host is going away: move its client connections to the first peer
+        while its replicas drain (streams then continue on the peer's replicas)."""
+        assert self.gateway_move is not None
+        peer = next(iter(self.config.netmove.peers))
+
+        async def go() -> None:
+            assert self.gateway_move is not None
+            if not await self.gateway_move.vip_held():
+                return  # moved already (notices repeat until the host goes)
+            try:
+                await self.gateway_move.migrate_out(peer)
+            except AlbatrossError as exc:
+                log.error("preemption notice (%s): connections not moved: %s", source, exc.message)
+
+        self.registry.spawn(go())
 
     async def _check_health(self) -> None:
         """Health of external endpoints and agents' replicas. Managed replicas are

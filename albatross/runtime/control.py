@@ -13,6 +13,9 @@
 | ``POST /admin/checkpoint`` | ``{"replica": ID}`` | dump an idle managed replica's engine with CRIU and park it (``checkpoint.enabled``) |
 | ``POST /admin/restore`` | ``{"replica": ID}`` | bring a checkpointed replica back from its image (cold start if that fails) |
 | ``GET /admin/cost`` | | per replica: uptime, tokens, preemptions, spend vs on demand |
+| ``GET /admin/models`` | | models sharing a GPU: state, pinned, in flight, queued, memory |
+| ``POST /admin/models/{sleep,wake,pin,unpin,switch}`` | ``{"model": NAME}`` | put to sleep (after its streams), wake (409 if it does not fit), pin, unpin, wake evicting others |
+| ``POST /admin/migrate-gateway`` | ``{"to": PEER}`` | move every SSE connection to peer gateway ``PEER`` (``netmove.enabled``); ``GET``: status and recent moves |
 | ``POST /admin/preempt`` | ``{"replica": ID?, "replicas": [ID]?, "deadline_s": 30?, "source": "local"?}`` | a preemption notice: deadline-aware drain, then replacement |
 
 Replica ids contain ``/`` (``model/0``), so they travel in bodies, not paths. Without a
@@ -25,7 +28,7 @@ import hmac
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -50,7 +53,12 @@ from albatross.runtime.registry import Registry
 from albatross.runtime.spot import SpotController
 from albatross.runtime.stream import StreamSession
 
+if TYPE_CHECKING:
+    from albatross.runtime.gateway_move import GatewayMove
+    from albatross.runtime.switching import Switcher
+
 _PATHS = ("auto", "kv", "prewarm", "reprefill")
+_MODEL_VERBS = ("sleep", "wake", "pin", "unpin", "switch")
 
 
 class Control:
@@ -63,6 +71,10 @@ class Control:
         self.pool = pool
         self.registry = registry
         self.spot = spot
+        self.switcher: Switcher | None = None
+        """Set by the app when models take turns on a GPU (``switch.gpu_budget_gib``)."""
+        self.gateway_move: GatewayMove | None = None
+        """Set by the app when ``netmove.enabled``."""
         self._routes: dict[str, dict[str, Callable[[Request], Awaitable[None]]]] = {
             "/admin/replicas": {
                 "GET": self._replicas,
@@ -77,6 +89,9 @@ class Control:
             "/admin/cost": {"GET": self._cost},
             "/admin/checkpoint": {"POST": self._checkpoint},
             "/admin/restore": {"POST": self._restore},
+            "/admin/models": {"GET": self._models},
+            **{f"/admin/models/{v}": {"POST": self._model_command} for v in _MODEL_VERBS},
+            "/admin/migrate-gateway": {"GET": self._gateway_moves, "POST": self._migrate_gateway},
         }
 
     async def __call__(self, req: Request) -> None:
@@ -227,6 +242,37 @@ class Control:
         except Exception as exc:
             raise EngineError(f"restore of {r.replica_id} failed: {exc}") from exc
         _reply(req, _replica(r))
+
+    def _mover(self) -> GatewayMove:
+        if self.gateway_move is None:
+            raise Conflict("connection migration is off (netmove.enabled = false)")
+        return self.gateway_move
+
+    async def _gateway_moves(self, req: Request) -> None:
+        _reply(req, await self._mover().status())
+
+    async def _migrate_gateway(self, req: Request) -> None:
+        mover = self._mover()
+        to = _body(req).get("to")
+        if not isinstance(to, str) or not to:
+            raise InvalidField("to", to, "must be a peer gateway's id or host")
+        _reply(req, await mover.migrate_out(to))
+
+    def _switching(self) -> Switcher:
+        if self.switcher is None:
+            raise Conflict("models do not take turns here: switch.gpu_budget_gib is empty")
+        return self.switcher
+
+    async def _models(self, req: Request) -> None:
+        _reply(req, self._switching().status())
+
+    async def _model_command(self, req: Request) -> None:
+        sw = self._switching()
+        body = _body(req)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidField("model", model, "must be the name of a configured model")
+        _reply(req, sw.command(req.path.rstrip("/").rsplit("/", 1)[-1], model))
 
     async def _cost(self, req: Request) -> None:
         _reply(req, fleet_summary([r.ledger for r in self.pool.replicas.values()], time.time()))

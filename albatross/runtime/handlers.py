@@ -13,6 +13,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -38,6 +39,9 @@ from albatross.runtime.registry import Registry
 from albatross.runtime.spot import SpotController
 from albatross.runtime.stream import Services, StreamSession
 
+if TYPE_CHECKING:
+    from albatross.runtime.switching import Switcher
+
 _Route = Callable[[Request], Awaitable[None]]
 
 
@@ -58,6 +62,8 @@ class Api:
             pool, metrics, config.continuity, config.gateway.first_token_timeout_s, registry
         )
         self.control = Control(config, pool, registry, spot)
+        self.switcher: Switcher | None = None
+        """Set when models take turns on a GPU: requests then wait for their model."""
         g = config.gateway
         self._limits = Limits(g.max_tokens_default, g.max_tokens_limit)
         self._routes: dict[str, dict[str, _Route]] = {
@@ -115,6 +121,20 @@ class Api:
         received = time.perf_counter()
         if self.config.model(greq.model) is None:
             raise ModelNotFound(greq.model, [m.name for m in self.config.models])
+        if self.switcher is None:
+            await self._generate_on(req, greq, prefix, received)
+            return
+        # Before a replica is acquired: the model may be asleep. The ticket is the
+        # in-flight guard; it is given back once the stream has ended.
+        ticket = await self.switcher.admit(greq.model, req.conn)
+        try:
+            await self._generate_on(req, greq, prefix, received)
+        finally:
+            self.switcher.finished(ticket)
+
+    async def _generate_on(
+        self, req: Request, greq: GenerationRequest, prefix: str, received: float
+    ) -> None:
         replica, prompt_ids = await self._prompt_ids(greq)
         mm = self.metrics.model(greq.model)
         mm.in_flight.inc()  # type: ignore[attr-defined]
@@ -186,7 +206,11 @@ class Api:
             m = models.setdefault(r.model, {"ready": 0, "total": 0})
             m["total"] += 1
             m["ready"] += r.health.state is ReplicaState.READY
-        ok = all(m["ready"] > 0 for m in models.values())
+        sw = self.switcher
+        ok = all(
+            m["ready"] > 0 or (sw is not None and not sw.serving(name))  # asleep by design
+            for name, m in models.items()
+        )
         body = {"status": "ok" if ok else "degraded", "models": models}
         req.conn.respond(200 if ok else 503, orjson.dumps(body))
 

@@ -22,6 +22,7 @@ import logging
 import signal
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 from albatross.clouds import (
@@ -98,6 +99,9 @@ class SpotController:
         self.provider: ReplacementProvider | None = aws_provider(cfg.aws) if cfg.aws else None
         self.launches: list[dict[str, object]] = []
         """Replacement hosts asked of :attr:`provider`, newest last (``GET /admin/replicas``)."""
+        self.host_notice_listeners: list[Callable[[str], None]] = []
+        """Called with the notice's source when the notice is for this whole host (no
+        replica named): the gateway moves its client connections to a peer."""
 
     async def run(self) -> None:
         """Watch the configured cloud (if any) forever; SIGUSR1 preempts every replica."""
@@ -127,6 +131,8 @@ class SpotController:
         ``lead_s`` from now. Returns the replica ids drained."""
         if ids is None:
             ids = [r.replica_id for r in self.pool.replicas.values() if r.managed]
+            for listener in self.host_notice_listeners:
+                listener(source)
         deadline = time.time() + lead_s
         fresh = [rid for rid in ids if rid not in self.drains]
         for rid in fresh:

@@ -35,6 +35,7 @@ from albatross.core.errors import (
     NoReplicaAvailable,
 )
 from albatross.core.journal import FinishReason, JournalClosed, JournalGap, StreamJournal
+from albatross.core.replicas import ReplicaState
 from albatross.core.stops import StopMatcher
 from albatross.engines.base import Finished, Generation
 from albatross.gateway.errors import error_event
@@ -162,6 +163,9 @@ class StreamSession:
     error: AlbatrossError | None = None
     client_gone: bool = False
     ended_at: float | None = None
+    sent_id: int = -2
+    """Id of the last SSE event written to the client (-2: none yet, -1: the chat role
+    event); what a connection moved to another gateway is owed starts after it."""
     _stops: StopMatcher = field(init=False)
     _new: list[str] = field(default_factory=list)
     _out: list[str] = field(default_factory=list)
@@ -390,6 +394,7 @@ class StreamSession:
         else:
             self._started = True
             self.conn.start_stream(first=self.encoder.first() + data)
+        self.sent_id = self.journal.frontier - 1
 
     def _usage(self) -> dict[str, int]:
         p, c = len(self.journal.prompt_ids), len(self.journal)
@@ -432,9 +437,19 @@ class StreamSession:
             self.conn.end_stream(error_event(error, len(self.journal)) + DONE)
 
     # ---- resume --------------------------------------------------------------------
-    async def resume(self, conn: Connection, last_event_id: int) -> None:
+    async def resume(
+        self,
+        conn: Connection,
+        last_event_id: int,
+        prefer_url: str | None = None,
+        prefer_slot: int | None = None,
+    ) -> None:
         """Serve the rest of this stream to a client that reconnected with
         ``Last-Event-ID``; if it had not ended, continue it from the journal.
+
+        ``prefer_url``/``prefer_slot``: the engine and slot the stream was generated on
+        (a connection moved from another gateway sharing that engine): continuing there
+        reuses the slot's cached prefix instead of prefilling it again.
 
         Raises :class:`Conflict` while the stream still has a client, and
         :class:`InvalidField` for an event id the stream never sent.
@@ -457,8 +472,10 @@ class StreamSession:
         self.conn, self.client_gone, self.error = conn, False, None
         self._new.clear()
         first = self.encoder.first() if seen < -1 else b""
+        self.sent_id = -1 if first else seen
         if rest:
             first += self.encoder.text(j.frontier - 1, rest)
+            self.sent_id = j.frontier - 1
         self._started = True
         self._last_write = time.perf_counter()
         if j.finished:
@@ -480,14 +497,49 @@ class StreamSession:
         self.services.registry.add(self)
         conn.on_disconnect(self._client_gone)
         try:
-            replica = await self.services.pool.acquire(
-                self.model, self.services.first_token_timeout_s
-            )
-            await self._drive(replica, replica.take_slot(), MovePath.REPREFILL, FailureReason.MOVED)
+            replica, slot = self._replica_at(prefer_url, prefer_slot)
+            if replica is None:
+                replica = await self.services.pool.acquire(
+                    self.model, self.services.first_token_timeout_s
+                )
+                slot = replica.take_slot()
+            await self._drive(replica, slot, MovePath.REPREFILL, FailureReason.MOVED)
         except AlbatrossError as exc:
             self._fail(exc)
         finally:
             self.services.registry.retire(self)
+
+    def _replica_at(self, url: str | None, slot: int | None) -> tuple[Replica | None, int | None]:
+        """The ready replica of this model at engine ``url``, acquired, with ``slot`` if
+        it is free; (None, None) if there is none."""
+        for r in self.services.pool.replicas.values():
+            if (
+                url is not None
+                and r.model == self.model
+                and r.client is not None
+                and r.client.base_url == url
+                and r.health.state is ReplicaState.READY
+            ):
+                r.in_flight += 1
+                if slot is not None and slot in r.free_slots:
+                    r.free_slots.remove(slot)
+                    return r, slot
+                return r, r.take_slot()
+        return None, None
+
+    @property
+    def response_started(self) -> bool:
+        """Bytes of the response (its head at least) have been written."""
+        return self._started
+
+    def hand_off(self) -> int:
+        """Stop writing to this client and stop generating, at once: its connection is
+        being moved to another gateway, which continues the stream from the journal.
+        Returns the id of the last event the client was written (see :attr:`sent_id`)."""
+        sent = self.sent_id
+        self.conn.freeze_writes()
+        self._client_gone()
+        return sent
 
     # ---- watchdog ------------------------------------------------------------------
     def check_stall(self, now: float) -> None:

@@ -16,13 +16,15 @@ Contract of :func:`make_tiny_model`:
   the largest of ~500 random logits is positive, so greedy streams never end early and
   run to ``max_tokens``.
 
-Only ``numpy``, ``tokenizers`` and ``gguf`` are needed (no torch, no transformers).
+:func:`make_tiny_hf_model` writes the same weights as a Hugging Face directory (for
+vLLM). Only ``numpy``, ``tokenizers`` and ``gguf`` are needed (no torch, no transformers).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,42 @@ def _vocab_and_merges(tok: Tokenizer) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
+_F32 = np.ndarray[Any, np.dtype[np.float32]]
+
+
+def _weights(
+    seed: int, n_vocab: int, hidden: int, layers: int, kv_dim: int, ffn: int, std: float,
+    tokens: list[str],
+) -> dict[str, _F32]:  # fmt: skip
+    """The random weights, in GGUF names and layout, in a fixed draw order (so a seed
+    always gives the same model, whichever format it is written in)."""
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape: int) -> _F32:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    ones = np.ones(hidden, dtype=np.float32)
+    t: dict[str, _F32] = {"token_embd.weight": rand(n_vocab, hidden)}
+    for i in range(layers):
+        p = f"blk.{i}"
+        t[f"{p}.attn_norm.weight"] = ones
+        t[f"{p}.attn_q.weight"] = rand(hidden, hidden)
+        t[f"{p}.attn_k.weight"] = rand(kv_dim, hidden)
+        t[f"{p}.attn_v.weight"] = rand(kv_dim, hidden)
+        t[f"{p}.attn_output.weight"] = rand(hidden, hidden)
+        t[f"{p}.ffn_norm.weight"] = ones
+        t[f"{p}.ffn_gate.weight"] = rand(ffn, hidden)
+        t[f"{p}.ffn_up.weight"] = rand(ffn, hidden)
+        t[f"{p}.ffn_down.weight"] = rand(hidden, ffn)
+    t["output_norm.weight"] = ones
+    out = rand(n_vocab, hidden)
+    # Zero rows give special tokens a logit of exactly 0, below the maximum of the
+    # other random logits: greedy never emits them, so streams run to max_tokens.
+    out[[tokens.index(x) for x in SPECIAL_TOKENS]] = 0.0
+    t["output.weight"] = out
+    return t
+
+
 def make_tiny_model(
     directory: Path,
     *,
@@ -138,10 +176,7 @@ def make_tiny_model(
 
     tokens, merges = _vocab_and_merges(train_tokenizer(vocab_size))
     n_vocab = len(tokens)
-    rng = np.random.default_rng(seed)
-
-    def rand(*shape: int) -> np.ndarray[Any, np.dtype[np.float32]]:
-        return (rng.standard_normal(shape) * weight_std).astype(np.float32)
+    tensors = _weights(seed, n_vocab, hidden, layers, kv_heads * head_dim, ffn, weight_std, tokens)
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}-s{seed}.gguf"
@@ -172,26 +207,8 @@ def make_tiny_model(
     w.add_pad_token_id(EOS_ID)
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-
-    ones = np.ones(hidden, dtype=np.float32)
-    w.add_tensor("token_embd.weight", rand(n_vocab, hidden))
-    for i in range(layers):
-        p = f"blk.{i}"
-        w.add_tensor(f"{p}.attn_norm.weight", ones)
-        w.add_tensor(f"{p}.attn_q.weight", rand(hidden, hidden))
-        w.add_tensor(f"{p}.attn_k.weight", rand(kv_heads * head_dim, hidden))
-        w.add_tensor(f"{p}.attn_v.weight", rand(kv_heads * head_dim, hidden))
-        w.add_tensor(f"{p}.attn_output.weight", rand(hidden, hidden))
-        w.add_tensor(f"{p}.ffn_norm.weight", ones)
-        w.add_tensor(f"{p}.ffn_gate.weight", rand(ffn, hidden))
-        w.add_tensor(f"{p}.ffn_up.weight", rand(ffn, hidden))
-        w.add_tensor(f"{p}.ffn_down.weight", rand(hidden, ffn))
-    w.add_tensor("output_norm.weight", ones)
-    out = rand(n_vocab, hidden)
-    # Zero rows give special tokens a logit of exactly 0, below the maximum of the
-    # other random logits: greedy never emits them, so streams run to max_tokens.
-    out[[tokens.index(t) for t in SPECIAL_TOKENS]] = 0.0
-    w.add_tensor("output.weight", out)
+    for tname, arr in tensors.items():
+        w.add_tensor(tname, arr)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -199,6 +216,124 @@ def make_tiny_model(
     w.close()
     tmp.replace(path)
     return path
+
+
+def _unpermute(w: _F32, n_head: int) -> _F32:
+    """Undo llama.cpp's Q/K row permutation (its HF converter applies it; GGUF rotates
+    pairs of adjacent dimensions, HF the two halves of each head)."""
+    rows = w.shape[0]
+    return np.ascontiguousarray(
+        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def _write_safetensors(path: Path, tensors: dict[str, _F32]) -> None:
+    """The safetensors format by hand (a JSON header, then raw little-endian data)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, arr in tensors.items():
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())
+
+
+def make_tiny_hf_model(
+    directory: Path,
+    *,
+    seed: int = 0,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 256,
+    vocab_size: int = 512,
+    context: int = 4096,
+    weight_std: float = 0.3,
+    name: str = "tiny",
+) -> Path:
+    """Write the same model as :func:`make_tiny_model` as a Hugging Face directory
+    ``<directory>/<name>-s<seed>-hf`` (config, safetensors, tokenizer) for vLLM.
+
+    No torch or transformers needed. Written into a temporary directory and renamed.
+    """
+    head_dim = hidden // heads
+    if hidden % heads or head_dim < 32 or heads % kv_heads:
+        raise ValueError(
+            f"hidden={hidden}, heads={heads}, kv_heads={kv_heads}: see make_tiny_model"
+        )
+    tok = train_tokenizer(vocab_size)
+    tokens, _ = _vocab_and_merges(tok)
+    n_vocab = len(tokens)
+    g = _weights(seed, n_vocab, hidden, layers, kv_heads * head_dim, ffn, weight_std, tokens)
+    t: dict[str, _F32] = {"model.embed_tokens.weight": g["token_embd.weight"]}
+    for i in range(layers):
+        b, m = f"blk.{i}", f"model.layers.{i}"
+        t[f"{m}.input_layernorm.weight"] = g[f"{b}.attn_norm.weight"]
+        t[f"{m}.self_attn.q_proj.weight"] = _unpermute(g[f"{b}.attn_q.weight"], heads)
+        t[f"{m}.self_attn.k_proj.weight"] = _unpermute(g[f"{b}.attn_k.weight"], kv_heads)
+        t[f"{m}.self_attn.v_proj.weight"] = g[f"{b}.attn_v.weight"]
+        t[f"{m}.self_attn.o_proj.weight"] = g[f"{b}.attn_output.weight"]
+        t[f"{m}.post_attention_layernorm.weight"] = g[f"{b}.ffn_norm.weight"]
+        t[f"{m}.mlp.gate_proj.weight"] = g[f"{b}.ffn_gate.weight"]
+        t[f"{m}.mlp.up_proj.weight"] = g[f"{b}.ffn_up.weight"]
+        t[f"{m}.mlp.down_proj.weight"] = g[f"{b}.ffn_down.weight"]
+    t["model.norm.weight"] = g["output_norm.weight"]
+    t["lm_head.weight"] = g["output.weight"]
+
+    final = directory / f"{name}-s{seed}-hf"
+    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(tmp / "model.safetensors", t)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": context,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": n_vocab,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": EOS_ID,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    (tmp / "tokenizer.json").write_text(tok.to_str())
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": SPECIAL_TOKENS[BOS_ID],
+        "eos_token": SPECIAL_TOKENS[EOS_ID],
+        "unk_token": SPECIAL_TOKENS[0],
+        "pad_token": SPECIAL_TOKENS[EOS_ID],
+        "add_bos_token": False,
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": context,
+    }
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=1))
+    (tmp / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID})
+    )
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    return final
 
 
 if __name__ == "__main__":

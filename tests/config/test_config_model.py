@@ -96,3 +96,58 @@ def test_the_example_file_lists_every_key_with_its_default() -> None:
         for key in cls.model_fields:
             listed = re.search(rf"^#? ?({key} = |\[{name}\.{key}\])", text, re.M)
             assert listed, f"{name}.{key} missing from {example}"
+
+
+def _two(eviction: dict[str, str] | None = None, **model: Any) -> dict[str, Any]:
+    a = {"name": "a", "replicas": 1, **model}
+    if eviction is not None:
+        a["eviction"] = eviction
+    return {"switch": {"gpu_budget_gib": {"0": 1.0}}, "models": [a, {"name": "b", "replicas": 1}]}
+
+
+def test_switching_is_off_by_default_and_on_with_a_budget() -> None:
+    from albatross.config import switch_settings
+
+    assert not config_from_mapping({"models": [MODEL]}).switch.active
+    cfg = config_from_mapping(_two({"weights": "discard", "process": "keep_running"}))
+    settings = switch_settings(cfg)
+    assert [str(m.eviction) for m in settings.models] == [
+        "weights=discard, process=keep_running",
+        "weights=discard, process=stop",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (
+            _two({"weights": "retain", "process": "stop"}),
+            ["models.0.eviction", "'a'", "retain", "not a possible combination"],
+        ),
+        (
+            _two({"weights": "offload", "process": "keep_running"}),
+            ["models.0.eviction", "not something llama-server can do", "discard+stop"],
+        ),
+        (
+            _two({"weights": "offload", "process": "cuda_suspend"}, engine="llama-server"),
+            ["cuda-checkpoint", "switch.cuda_checkpoint_command = 'cuda-checkpoint'"],
+        ),
+        (_two(footprint_gib=2.0), ["models['a'].footprint_gib = 2.0", "must fit the budget"]),
+        (_two(gpu="1"), ["models['a'].gpu = '1'", "no memory budget"]),
+        (_two(replicas=2), ["models.0", "replicas = 2", "exactly one managed engine"]),
+        (
+            {"models": [{"name": "v", "replicas": 1, "engine": "vllm"}]},
+            ["models.0.engine = 'vllm'", "switch.gpu_budget_gib"],
+        ),
+        (
+            {**_two(), "switch": {"gpu_budget_gib": {"0": 1.0}, "max_wait_s": 90.0}},
+            ["max_wait_s (90.0) <= queue_timeout_s (60.0) must hold"],
+        ),
+    ],
+)
+def test_switch_rules_name_key_value_and_rule(data: dict[str, Any], words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_mapping(data, "t.toml")
+    text = "\n".join(err.value.problems)
+    for w in words:
+        assert w in text, (w, text)
