@@ -179,3 +179,45 @@ def test_hundred_connections_move_at_once_and_back(pair: tuple[Topology, Gateway
     assert back["moved"] == 1, back
     assert_whole(json.loads(finish(again))["conns"][0], reference_text(topo, gw))
     assert client_resets(topo) == before
+
+
+def test_a_preemption_notice_on_gateway_a_moves_its_streams_to_b(
+    pair: tuple[Topology, GatewayPair],
+) -> None:
+    import signal
+
+    topo, gw = pair
+    reference = reference_text(topo, gw)
+    before = client_resets(topo)
+    clients = sse(topo, gw, 2)
+    gw.wait_position("a", 60, count=2)
+    # SIGUSR1 = a notice for this whole host (as a cloud notice would be): gateway A
+    # hands its connections to its first peer while its replicas drain.
+    gw.procs["a"].send_signal(signal.SIGUSR1)
+    report = json.loads(finish(clients))["conns"]
+    assert len(report) == 2
+    for stream in report:
+        assert_whole(stream, reference)
+    assert client_resets(topo) == before
+    status_b = gw.get("b", "/admin/migrate-gateway")
+    assert status_b["vip_held"] and status_b["history"][-1]["moved"] == 2, status_b
+    assert "preemption notice (signal)" in gw.log("a")
+
+
+def test_a_failed_handoff_gives_the_connections_back_to_a(
+    pair: tuple[Topology, GatewayPair],
+) -> None:
+    topo, gw = pair
+    reference = reference_text(topo, gw)
+    before = client_resets(topo)
+    gw.procs["b"].terminate()  # the peer is gone: its handoff port refuses
+    gw.procs["b"].wait(30)
+    clients = sse(topo, gw, 2)
+    gw.wait_position("a", 60, count=2)
+    moved = gw.migrate("a", "gw-b")
+    assert moved["rolled_back"] is True and moved["moved"] == 2, moved
+    report = json.loads(finish(clients))["conns"]
+    for stream in report:
+        assert_whole(stream, reference)
+    assert client_resets(topo) == before
+    assert gw.get("a", "/admin/migrate-gateway")["vip_held"]
