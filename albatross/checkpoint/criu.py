@@ -522,7 +522,9 @@ def _link_remaps(image_dir: Path) -> list[str]:
 
     Paths are length-prefixed protobuf strings (a one- or two-byte varint, then the
     bytes); a candidate counts only where the prefix is exactly its own length, so no
-    neighbouring bytes leak into a path.
+    neighbouring bytes leak into a path. A byte inside the path can also happen to
+    equal the length of the rest (``.../pytest-284/x`` with ``"4"`` = 52): of the
+    candidates ending at one occurrence, the longest is the path (it is absolute).
     """
     try:
         data = (image_dir / "files.img").read_bytes()
@@ -530,6 +532,7 @@ def _link_remaps(image_dir: Path) -> list[str]:
         return []
     found = set()
     for m in re.finditer(rb"/link_remap\.", data):
+        best: bytes | None = None
         for start in range(m.start(), max(1, m.start() - 4096), -1):
             if data[start] != ord("/"):
                 continue
@@ -538,6 +541,12 @@ def _link_remaps(image_dir: Path) -> list[str]:
                 lengths.append((data[start - 2] & 0x7F) | (data[start - 1] << 7))
             for length in lengths:
                 text = data[start : start + length]
-                if len(text) == length and _REMAP_PATH.fullmatch(text):
-                    found.add(text.decode("utf-8", "replace"))
+                if (
+                    len(text) == length
+                    and _REMAP_PATH.fullmatch(text)
+                    and (best is None or len(text) > len(best))
+                ):
+                    best = text
+        if best is not None:
+            found.add(best.decode("utf-8", "replace"))
     return sorted(found)

@@ -130,3 +130,15 @@ def test_s3_ignores_an_upload_without_metadata(tmp_path: Path) -> None:
     s3 = S3Images(client, BUCKET)
     assert s3.versions("m/0") == []
     assert s3.download(ImageStore(tmp_path), "m/0") is None
+
+
+def test_link_remap_paths_are_read_whole_from_the_file_table(tmp_path: Path) -> None:
+    from albatross.checkpoint.criu import _link_remaps
+
+    # "pytest-284/": the "4" (52) is also the length of the path's tail from the next
+    # "/": a byte inside a path that looks like a length prefix must not win.
+    real = b"/tmp/pytest-of-root/pytest-284/test_discard_removes_link_rema0/files/link_remap.11"
+    tail = real[real.index(b"/test_discard") :]
+    assert len(tail) == real[real.index(b"/test_discard") - 1]  # the coincidence itself
+    (tmp_path / "files.img").write_bytes(b"\x0a\x12\x22" + bytes([len(real)]) + real + b"\x10\x01")
+    assert _link_remaps(tmp_path) == [real.decode()]
