@@ -32,26 +32,43 @@ def _resolve_files(config: Config) -> EngineFiles:
     from albatross.engines.embedded_model import embedded_model_path
     from albatross.engines.llama_build import llama_server_binary
 
-    managed = any(m.replicas > 0 for m in config.models)
-    binary = llama_server_binary(config.llama_server) if managed else None
+    managed = [(i, m) for i, m in enumerate(config.models) if m.replicas > 0]
+    llama = any(m.engine == "llama-server" for _, m in managed)
+    binary = llama_server_binary(config.llama_server) if llama else None
+    vllm_python = _vllm_python(config) if any(m.engine == "vllm" for _, m in managed) else None
     paths: dict[str, Path] = {}
-    for i, m in enumerate(config.models):
-        if m.replicas == 0:
-            continue
+    for i, m in managed:
         if m.engine == "vllm":
-            raise ConfigError(
-                "config",
-                [
-                    f"models.{i}.engine = 'vllm': the gateway streams only from llama-server "
-                    "for now (vLLM's sleep and wake are available through "
-                    "albatross.engines.vllm)"
-                ],
-            )
+            if m.path is None or not (m.path / "config.json").is_file():
+                raise ConfigError(
+                    "config",
+                    [
+                        f"models.{i}.path = {str(m.path) if m.path else None!r}: "
+                        "engine = 'vllm' needs a Hugging Face model directory (with config.json)"
+                    ],
+                )
+            paths[m.name] = m.path
+            continue
         p = m.path if m.path is not None else embedded_model_path()
         if not p.is_file():
             raise ConfigError("config", [f"models.{i}.path = {str(p)!r}: file does not exist"])
         paths[m.name] = p
-    return EngineFiles(binary, paths)
+    return EngineFiles(binary, paths, vllm_python)
+
+
+def _vllm_python(config: Config) -> Path:
+    from albatross.engines.vllm_install import installed_python
+
+    python = config.vllm.python or installed_python()
+    if python is None or not python.is_file():
+        raise ConfigError(
+            "config",
+            [
+                f"vllm.python = {str(python) if python else None!r}: no python with vLLM; "
+                "set vllm.python or run python -m albatross.engines.vllm_install"
+            ],
+        )
+    return python
 
 
 async def _until_signal(

@@ -269,7 +269,9 @@ class ModelConfig(_Frozen):
     name: Annotated[str, Field(min_length=1, max_length=256)]
     """The name clients put in ``model``."""
     engine: Literal["llama-server", "vllm"] = "llama-server"
-    """vLLM runs only with switching on (``switch.gpu_budget_gib``), one engine per model."""
+    """The engine its replicas run: managed vLLM replicas are started with ``vllm.*``,
+    ``parallel`` (``--max-num-seqs``) and ``ctx_size`` (``--max-model-len``); streams
+    move to and from them by re-prefill (vLLM cannot save one sequence's KV cache)."""
     path: Path | None = None
     """GGUF file for managed replicas (a Hugging Face directory for vLLM); unset = the
     embedded SmolLM2-135M-Instruct."""
@@ -426,11 +428,6 @@ class Config(_Frozen):
     @model_validator(mode="after")
     def _switching(self) -> Config:
         for i, m in enumerate(self.models):
-            if m.engine == "vllm" and not self.switch.active:
-                raise ValueError(
-                    f"models.{i}.engine = 'vllm': vLLM models run only with switching on; "
-                    "set switch.gpu_budget_gib"
-                )
             if self.switch.active and (m.replicas != 1 or m.endpoints):
                 raise ValueError(
                     f"models.{i} ({m.name!r}): replicas = {m.replicas}, endpoints = "

@@ -68,6 +68,9 @@ class EngineClient(Protocol):
     base_url: str
     capabilities: Capabilities
 
+    def close(self) -> None:
+        """Drop idle connections (the replica went away or was replaced)."""
+
     async def health(self) -> bool: ...
 
     async def prompt_ids_for_chat(self, messages: tuple[ChatMessage, ...]) -> tuple[int, ...]: ...

@@ -272,8 +272,17 @@ async def request_json(
             req = build_request(
                 method, pool.host, pool.port, path, payload, keep_alive=True, headers=headers
             )
+            connects = pool.connects
             conn = await pool.exchange(req, on_head, chunks.append, on_end)
             err = await done
+            if err is not None and status == 0 and pool.connects == connects:
+                # A kept-alive connection the engine closed as we sent on it (the
+                # liveness check cannot see a close that is still in flight): nothing
+                # was answered, so the request is sent once more, on a new connection.
+                done = asyncio.get_running_loop().create_future()
+                chunks.clear()
+                conn = await pool.exchange(req, on_head, chunks.append, on_end, reuse=False)
+                err = await done
     except TimeoutError as exc:
         if conn is not None:
             conn.abort()

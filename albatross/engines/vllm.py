@@ -18,6 +18,12 @@ vLLM refuses on a CPU host ("Sleep mode is not supported on current platform"); 
 the routes answer and do nothing, so the HTTP contract can be tested on CPU and the
 memory release only on a GPU.
 
+:class:`VllmClient` is also the gateway's adapter for streaming from a vLLM replica
+(the :class:`~albatross.engines.base.EngineClient` protocol); the generation itself is
+in ``vllm_generation.py``. vLLM cannot save or restore one sequence's KV cache, so a
+stream moves to or from a vLLM replica by re-prefill (its prefix cache makes a
+pre-warm worthwhile).
+
 Every control call is appended to :attr:`VllmClient.calls` (``"sleep(2)"``,
 ``"wake_up"``, ...): the order of calls is the contract with vLLM, so the switch log and
 the tests can show what was done.
@@ -33,7 +39,27 @@ from typing import Any
 import orjson
 
 from albatross.core.errors import EngineError
-from albatross.engines.http_client import ConnectionPool, request_json, split_base_url
+from albatross.core.journal import Continuation
+from albatross.core.requests import ChatMessage
+from albatross.engines.base import Capabilities, Generation, TokenSink
+from albatross.engines.http_client import (
+    ConnectionPool,
+    build_request,
+    request_json,
+    split_base_url,
+)
+from albatross.engines.vllm_generation import (
+    VllmGeneration,
+    completions_body,
+    prompt_evaluated,
+    status_error,
+)
+
+CAPABILITIES = Capabilities(
+    token_id_prompts=True, slot_save_restore=False, router_mode=False, held_token_ids=True
+)
+"""``held_token_ids``: vLLM streams the id of every token, also of those whose text it
+still holds back (partial UTF-8)."""
 
 CONTROL_TIMEOUT_S = 300.0
 """Sleep, wake and weight reloads of a large model take minutes on a slow disk."""
@@ -69,9 +95,16 @@ def vllm_env(
 
 
 class VllmClient:
-    """One vLLM server, reached over HTTP."""
+    """One vLLM server, reached over HTTP.
 
-    def __init__(self, base_url: str) -> None:
+    ``slots``: the sequences it runs at once (``--max-num-seqs``) when known; vLLM does
+    not report it, so :meth:`total_slots` raises without it.
+    """
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, base_url: str, slots: int | None = None) -> None:
+        self.slots = slots
         self.base_url = base_url.rstrip("/")
         self.host, self.port = split_base_url(self.base_url)
         self.pool = ConnectionPool(self.host, self.port)
@@ -86,6 +119,58 @@ class VllmClient:
         except EngineError:
             return False
         return status == 200
+
+    async def _call(self, path: str, body: Any) -> Any:
+        status, data = await request_json(self.pool, "POST", path, body)
+        if status != 200:
+            raise status_error(status, orjson.dumps(data))
+        return data
+
+    async def prompt_ids_for_chat(self, messages: tuple[ChatMessage, ...]) -> tuple[int, ...]:
+        """The chat rendered with the model's template and tokenized by the server."""
+        data = await self._call(
+            "/tokenize",
+            {
+                "messages": [{"role": m.role, "content": m.content} for m in messages],
+                "add_generation_prompt": True,
+            },
+        )
+        return tuple(data["tokens"])
+
+    async def prompt_ids_for_text(self, text: str) -> tuple[int, ...]:
+        data = await self._call("/tokenize", {"prompt": text, "add_special_tokens": True})
+        return tuple(data["tokens"])
+
+    async def generate(
+        self, cont: Continuation, sink: TokenSink, slot: int | None = None
+    ) -> Generation:
+        """Start generating; ``slot`` is ignored (vLLM schedules sequences itself)."""
+        gen = VllmGeneration(cont.start, sink)
+        body = orjson.dumps(completions_body(cont))
+        req = build_request("POST", self.host, self.port, "/v1/completions", body)
+        gen._proto = await self.pool.exchange(
+            req, gen.on_head, gen.on_body, gen.on_end, gen.on_read_done, reuse=False
+        )
+        return gen
+
+    async def total_slots(self) -> int:
+        if self.slots is None:
+            raise EngineError(f"vLLM {self.base_url} does not report how many sequences it runs")
+        return self.slots
+
+    async def save_slot(self, slot: int, filename: str) -> int:
+        raise EngineError(f"vLLM {self.base_url} cannot save a sequence's KV cache")
+
+    async def restore_slot(self, slot: int, filename: str) -> int:
+        raise EngineError(f"vLLM {self.base_url} cannot restore a sequence's KV cache")
+
+    async def prefill(self, prompt_ids: tuple[int, ...], slot: int) -> int:
+        """Evaluate ``prompt_ids`` into vLLM's prefix cache (one token is sampled and
+        dropped); a later request extending them prefills only the rest. Returns the
+        prompt tokens evaluated (``slot`` is ignored)."""
+        body = {"prompt": list(prompt_ids), "max_tokens": 1, "temperature": 0.0}
+        data = await self._call("/v1/completions", body)
+        return prompt_evaluated(data.get("usage")) or 0
 
     async def _control(self, call: str, method: str, path: str, body: Any = None) -> Any:
         self.calls.append(call)

@@ -17,6 +17,7 @@ from albatross.core.cost import Price
 from albatross.core.errors import AlbatrossError
 from albatross.core.replicas import Event, ReplicaState
 from albatross.engines.llama_server import LlamaServerClient
+from albatross.engines.vllm import vllm_argv, vllm_env
 from albatross.gateway.errors import error_response
 from albatross.gateway.http import serve
 from albatross.gateway.metrics import Metrics
@@ -39,6 +40,9 @@ class EngineFiles:
 
     llama_server: Path | None
     model_paths: dict[str, Path]
+    """GGUF files (llama-server) or Hugging Face directories (vLLM), per model name."""
+    vllm_python: Path | None = None
+    """A python with vLLM installed, when a managed model runs on vLLM."""
 
 
 EXACT_NUMERICS = ("-ub", "1", "-fa", "off", "-ctk", "f32", "-ctv", "f32")
@@ -70,10 +74,38 @@ def llama_server_argv(
     return argv
 
 
+def vllm_replica_argv(
+    config: Config, python: Path, model_dir: Path, m: ModelConfig, host: str = "127.0.0.1"
+) -> Callable[[int], list[str]]:
+    """A managed vLLM replica: ``parallel`` sequences of ``ctx_size`` tokens at most."""
+    v = config.vllm
+
+    def argv(port: int) -> list[str]:
+        return vllm_argv(
+            python, model_dir, port,
+            dtype=v.dtype, enforce_eager=v.enforce_eager, sleep_mode=v.enable_sleep_mode,
+            name=m.name, host=host,
+            extra=("--max-num-seqs", str(m.parallel), "--max-model-len", str(m.ctx_size),
+                   # Cached prompt tokens in usage: a move's prompt_n is then what it cost.
+                   "--enable-prompt-tokens-details", *m.extra_args),
+        )  # fmt: skip
+
+    return argv
+
+
 def replica_spec(
     config: Config, files: EngineFiles, m: ModelConfig, i: int, replica_id: str, host: str
 ) -> ReplicaSpec:
     """How to run replica ``i`` of model ``m`` as ``replica_id``, listening on ``host``."""
+    log_path = config.supervisor.log_dir / f"{m.name.replace('/', '_')}-{i}.log"
+    if m.engine == "vllm":
+        assert files.vllm_python is not None
+        return ReplicaSpec(
+            replica_id=replica_id,
+            argv=vllm_replica_argv(config, files.vllm_python, files.model_paths[m.name], m, host),
+            log_path=log_path,
+            env=vllm_env(cpu_kvcache_space_gib=config.vllm.cpu_kvcache_space_gib),
+        )
     assert files.llama_server is not None
     return ReplicaSpec(
         replica_id=replica_id,
@@ -84,7 +116,7 @@ def replica_spec(
             config.continuity.slot_dir,
             host,
         ),
-        log_path=config.supervisor.log_dir / f"{m.name.replace('/', '_')}-{i}.log",
+        log_path=log_path,
     )
 
 
@@ -104,7 +136,11 @@ class App:
     def __init__(self, config: Config, files: EngineFiles) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.pool = Pool(self.metrics, config.supervisor.health_failures)
+        self.pool = Pool(
+            self.metrics,
+            config.supervisor.health_failures,
+            engines={m.name: m.engine for m in config.models},
+        )
         self.registry = Registry(config.continuity)
         self.pool.lost_listeners.append(self.registry.replica_lost)
         specs: list[ReplicaSpec] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from albatross.core.cost import Price, ReplicaLedger
@@ -23,7 +23,8 @@ from albatross.core.replicas import (
     pick,
     transition,
 )
-from albatross.engines.llama_server import LlamaServerClient
+from albatross.engines.base import EngineClient
+from albatross.engines.clients import EngineKind, engine_client
 from albatross.gateway.metrics import Metrics
 
 log = logging.getLogger("albatross.pool")
@@ -40,7 +41,7 @@ class Replica:
     """Sequences the engine runs at once (0 until known)."""
     shared_slot_dir: bool = False
     """Saves slots into the directory all managed replicas share (KV moves possible)."""
-    client: LlamaServerClient | None = None
+    client: EngineClient | None = None
     health: Health = field(default_factory=Health)
     in_flight: int = 0
     pid: int | None = None
@@ -66,7 +67,15 @@ class Replica:
 
 
 class Pool:
-    def __init__(self, metrics: Metrics, health_failures: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        health_failures: int,
+        engines: Mapping[str, EngineKind] | None = None,
+    ) -> None:
+        """``engines``: the engine each model runs on (default llama-server), which
+        decides the client its replicas are reached through."""
+        self._engines = dict(engines or {})
         self._metrics = metrics
         self._threshold = health_failures
         self.replicas: dict[str, Replica] = {}
@@ -86,15 +95,18 @@ class Pool:
         instance_type: str = "local",
         price: Price = _FREE,
     ) -> Replica:
-        r = Replica(
-            replica_id, model, managed, client=LlamaServerClient(base_url) if base_url else None
-        )
+        r = Replica(replica_id, model, managed)
+        if base_url:
+            r.client = self._client(model, base_url, slots)
         r.shared_slot_dir = managed
         r.reset_slots(slots)
         r.ledger = ReplicaLedger(replica_id, instance_type, price)
         self.replicas[replica_id] = r
         self._publish(r)
         return r
+
+    def _client(self, model: str, base_url: str, slots: int) -> EngineClient:
+        return engine_client(self._engines.get(model, "llama-server"), base_url, slots or None)
 
     def models(self) -> list[str]:
         return sorted({r.model for r in self.replicas.values()})
@@ -125,7 +137,7 @@ class Pool:
         r = self.replicas[replica_id]
         if r.client is not None:
             r.client.close()
-        r.client = LlamaServerClient(base_url)
+        r.client = self._client(r.model, base_url, r.slots)
         r.pid = pid
         r.reset_slots(r.slots)  # a new process: every slot is free
         self.apply(replica_id, Event.STARTED)
@@ -174,7 +186,7 @@ class Pool:
                 self.replica_lost(replica_id, f"replaced by a new engine on agent {host}")
             if r.client is not None:
                 r.client.close()
-            r.client = LlamaServerClient(base_url)
+            r.client = self._client(r.model, base_url, slots)
             r.pid = pid
             r.reset_slots(slots)
         self.apply(replica_id, Event.STARTED)

@@ -117,6 +117,12 @@ def test_switching_is_off_by_default_and_on_with_a_budget() -> None:
     ]
 
 
+def test_a_vllm_model_is_served_without_switching() -> None:
+    cfg = config_from_mapping({"models": [{"name": "v", "replicas": 2, "engine": "vllm"}]})
+    assert not cfg.switch.active
+    assert [(m.engine, m.replicas) for m in cfg.models] == [("vllm", 2)]
+
+
 @pytest.mark.parametrize(
     ("data", "words"),
     [
@@ -135,10 +141,6 @@ def test_switching_is_off_by_default_and_on_with_a_budget() -> None:
         (_two(footprint_gib=2.0), ["models['a'].footprint_gib = 2.0", "must fit the budget"]),
         (_two(gpu="1"), ["models['a'].gpu = '1'", "no memory budget"]),
         (_two(replicas=2), ["models.0", "replicas = 2", "exactly one managed engine"]),
-        (
-            {"models": [{"name": "v", "replicas": 1, "engine": "vllm"}]},
-            ["models.0.engine = 'vllm'", "switch.gpu_budget_gib"],
-        ),
         (
             {**_two(), "switch": {"gpu_budget_gib": {"0": 1.0}, "max_wait_s": 90.0}},
             ["max_wait_s (90.0) <= queue_timeout_s (60.0) must hold"],
