@@ -161,7 +161,10 @@ class GatewayPair:
         d = self.workdir / me
         sections: dict[str, dict[str, object]] = {
             "gateway": {"host": "0.0.0.0", "port": PORT, "first_token_timeout_s": 300.0},
-            "supervisor": {"log_dir": d / "logs"},
+            # 100 moved streams re-prefilled at once (numerics = "exact": one token per
+            # micro-batch) keep a small engine busy for seconds; its /health may answer
+            # late then, and restarting it would be a second disruption, not the move.
+            "supervisor": {"log_dir": d / "logs", "health_timeout_s": 30.0},
             "llama_server": {"binary": self.binary},
             "continuity": {"slot_dir": d / "slots"},
             "control": {"token": TOKEN},
