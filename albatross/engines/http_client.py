@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 
-from albatross.core.errors import EngineError, EngineLost, EngineTimeout
+from albatross.core.errors import ClientError, EngineError, EngineLost, EngineTimeout
 
 
 def split_base_url(base_url: str) -> tuple[str, int]:
@@ -296,3 +296,40 @@ async def request_json(
         return status, orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise EngineError(f"{where} answered {status} with non-JSON: {raw[:120]!r}") from exc
+
+
+def error_message(err: Any) -> str:
+    """The message of an engine's error object (``{"message": ...}``) or value."""
+    if isinstance(err, dict):
+        return str(err.get("message", err))
+    return str(err)
+
+
+def status_error(status: int, body: bytes) -> EngineError | ClientError:
+    """An engine's non-200 answer as ours: a 4xx (e.g. a prompt longer than the
+    context) is the request's fault, anything else the engine's."""
+    try:
+        data = orjson.loads(body)
+        msg = error_message(data.get("error", data) if isinstance(data, dict) else data)
+    except orjson.JSONDecodeError:
+        msg = body[:200].decode("utf-8", "replace")
+    if 400 <= status < 500:
+        return ClientError(f"engine refused the request: {msg}", code="engine_rejected")
+    return EngineError(f"engine answered {status}: {msg}")
+
+
+async def call_json(pool: ConnectionPool, path: str, body: Any) -> Any:
+    """``POST path`` with a JSON body; the parsed answer, or :func:`status_error`."""
+    status, data = await request_json(pool, "POST", path, body)
+    if status != 200:
+        raise status_error(status, orjson.dumps(data))
+    return data
+
+
+async def healthy(pool: ConnectionPool, timeout_s: float) -> bool:
+    """``GET /health`` answered 200 within ``timeout_s``; any failure is False."""
+    try:
+        status, _ = await request_json(pool, "GET", "/health", timeout_s=timeout_s)
+    except EngineError:
+        return False
+    return status == 200

@@ -41,15 +41,12 @@ from albatross.engines.base import Capabilities, Generation, TokenSink
 from albatross.engines.http_client import (
     ConnectionPool,
     build_request,
+    healthy,
     request_json,
     split_base_url,
+    status_error,
 )
-from albatross.engines.llama_server import (
-    LlamaServerClient,
-    _SSEGeneration,
-    _status_error,
-    completion_body,
-)
+from albatross.engines.llama_server import LlamaGeneration, LlamaServerClient, completion_body
 
 POLL_S = 0.05
 """How often load and unload look at ``/models``; a tiny model loads in about 0.1 s."""
@@ -106,11 +103,7 @@ class LlamaRouterClient:
 
     async def health(self) -> bool:
         """The router itself answers (says nothing about any model)."""
-        try:
-            status, _ = await request_json(self.pool, "GET", "/health", timeout_s=2.0)
-        except EngineError:
-            return False
-        return status == 200
+        return await healthy(self.pool, 2.0)
 
     async def models(self) -> list[RouterModel]:
         status, data = await request_json(self.pool, "GET", "/models", timeout_s=5.0)
@@ -138,7 +131,7 @@ class LlamaRouterClient:
         await self.model(name)  # a clear 404 rather than the router's bare "not found"
         status, data = await self._post("/models/load", name, timeout_s)
         if status != 200 and "already running" not in _error_text(data):
-            raise _status_error(status, orjson.dumps(data))
+            raise status_error(status, orjson.dumps(data))
         m = await self._until(name, timeout_s, "load", lambda m: m.serving or (
             m.status is RouterStatus.UNLOADED
         ))  # fmt: skip
@@ -157,7 +150,7 @@ class LlamaRouterClient:
                 return
             if status == 400 and "not found" in _error_text(data):
                 raise ModelNotFound(name, [m.name for m in await self.models()])
-            raise _status_error(status, orjson.dumps(data))
+            raise status_error(status, orjson.dumps(data))
         await self._until(name, timeout_s, "unload", lambda m: m.status is RouterStatus.UNLOADED)
 
     async def is_sleeping(self, name: str) -> bool:
@@ -183,7 +176,7 @@ class LlamaRouterClient:
             self.pool, "POST", "/tokenize", {"model": name, "content": ""}, timeout_s=timeout_s
         )
         if status != 200:
-            raise _status_error(status, orjson.dumps(data))
+            raise status_error(status, orjson.dumps(data))
 
     def model_client(self, name: str) -> RouterModelClient:
         """An :class:`EngineClient` for one model behind this router."""
@@ -248,7 +241,7 @@ class RouterModelClient(LlamaServerClient):
     async def generate(
         self, cont: Continuation, sink: TokenSink, slot: int | None = None
     ) -> Generation:
-        gen = _SSEGeneration(cont.start, sink)
+        gen = LlamaGeneration(cont.start, sink)
         body = orjson.dumps({**completion_body(cont, slot), "model": self.model})
         req = build_request("POST", self.host, self.port, "/completion", body, keep_alive=False)
         gen._proto = await self.pool.exchange(

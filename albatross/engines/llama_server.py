@@ -19,17 +19,20 @@ from typing import Any
 
 import orjson
 
-from albatross.core.errors import ClientError, EngineError
+from albatross.core.errors import EngineError
 from albatross.core.journal import Continuation
 from albatross.core.requests import ChatMessage
 from albatross.engines.base import Capabilities, Finished, Generation, TokenSink
 from albatross.engines.http_client import (
     ConnectionPool,
-    EngineConnection,
     build_request,
+    call_json,
+    error_message,
+    healthy,
     request_json,
     split_base_url,
 )
+from albatross.engines.sse_generation import SSEGeneration
 
 CAPABILITIES = Capabilities(
     token_id_prompts=True, slot_save_restore=True, router_mode=True, held_token_ids=True
@@ -72,125 +75,44 @@ def completion_body(cont: Continuation, slot: int | None = None) -> dict[str, An
     return body
 
 
-class _SSEGeneration:
-    """Parses llama-server's SSE body into sink calls; the hot path of every token."""
+class LlamaGeneration(SSEGeneration):
+    """llama-server's ``/completion`` events: ``tokens`` with their released
+    ``content`` and ``tokens_predicted``; a final event with ``stop``."""
 
-    __slots__ = ("_buf", "_done", "_err_body", "_got", "_proto", "_sink", "_start", "_status")
+    __slots__ = ("_start",)
 
     def __init__(self, start: int, sink: TokenSink) -> None:
+        super().__init__(sink)
         self._start = start
-        self._sink = sink
-        self._buf = b""
-        self._status = 0
-        self._err_body = b""
-        self._done = False
-        self._got = False  # tokens handed to the sink since the last on_batch
-        self._proto: EngineConnection | None = None
 
-    # Generation protocol
-    def cancel(self) -> None:
-        self._done = True
-        if self._proto is not None:
-            self._proto.close()
-
-    def pause(self) -> None:
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.pause_reading()
-
-    def resume(self) -> None:
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.resume_reading()
-
-    # EngineConnection callbacks
-    def on_head(self, status: int) -> None:
-        self._status = status
-
-    def on_body(self, data: bytes) -> None:
-        if self._status != 200:
-            self._err_body += data
+    def _payload(self, payload: bytes) -> None:
+        ev = self._json(payload)
+        if ev is None:
             return
-        buf = self._buf + data if self._buf else data
-        sink = self._sink
-        start = 0
-        while True:
-            end = buf.find(b"\n\n", start)
-            if end == -1:
-                break
-            block = buf[start:end]
-            start = end + 2
-            if not block.startswith(b"data: "):
-                continue  # ":" keep-alive pings, or event names we do not use
-            try:
-                ev = orjson.loads(block[6:])
-            except orjson.JSONDecodeError:
-                self._fail(EngineError(f"engine sent a malformed event: {block[:120]!r}"))
-                return
-            toks = ev.get("tokens")
-            if toks:
-                pos = self._start + ev["tokens_predicted"] - len(toks)
-                last = len(toks) - 1
-                for i, t in enumerate(toks):
-                    # The text an event releases completes with its last token.
-                    sink.on_token(pos + i, t, ev["content"] if i == last else "")
-                self._got = True
-            if ev.get("stop"):
-                self.on_read_done()
-                self._finish(ev)
-                return
-            err = ev.get("error")
-            if err is not None:
-                self.on_read_done()
-                self._fail(EngineError(f"engine error during generation: {_message(err)}"))
-                return
-        self._buf = buf[start:] if start < len(buf) else b""
-
-    def on_read_done(self) -> None:
-        """One socket read is consumed: tokens that arrived together leave together."""
-        if self._got:
-            self._got = False
-            self._sink.on_batch()
-
-    def on_end(self, error: EngineError | None) -> None:
-        if self._done:
+        toks = ev.get("tokens")
+        if toks:
+            sink = self._sink
+            pos = self._start + ev["tokens_predicted"] - len(toks)
+            last = len(toks) - 1
+            for i, t in enumerate(toks):
+                # The text an event releases completes with its last token.
+                sink.on_token(pos + i, t, ev["content"] if i == last else "")
+            self._got = True
+        if ev.get("stop"):
+            self.on_read_done()
+            # The engine closes the connection once the response has ended.
+            self._done = True
+            timings = ev.get("timings") or {}
+            self._sink.on_finish(
+                Finished(
+                    stop_type=str(ev.get("stop_type", "none")), prompt_n=timings.get("prompt_n")
+                )
+            )
             return
-        if self._status not in (0, 200):
-            self._fail(_status_error(self._status, self._err_body))
-        else:
-            self._fail(error or EngineError("engine ended the stream without a final event"))
-
-    def _finish(self, ev: dict[str, Any]) -> None:
-        # The engine closes the connection once the response has ended.
-        self._done = True
-        timings = ev.get("timings") or {}
-        self._sink.on_finish(
-            Finished(stop_type=str(ev.get("stop_type", "none")), prompt_n=timings.get("prompt_n"))
-        )
-
-    def _fail(self, error: EngineError | ClientError) -> None:
-        # An engine 4xx (e.g. prompt longer than the context) arrives as ClientError:
-        # the request's fault, not the replica's.
-        if self._done:
-            return
-        self._done = True
-        if self._proto is not None:
-            self._proto.close()
-        self._sink.on_error(error)
-
-
-def _message(err: Any) -> str:
-    if isinstance(err, dict):
-        return str(err.get("message", err))
-    return str(err)
-
-
-def _status_error(status: int, body: bytes) -> EngineError | ClientError:
-    try:
-        msg = _message(orjson.loads(body).get("error", body[:200]))
-    except (orjson.JSONDecodeError, AttributeError):
-        msg = body[:200].decode("utf-8", "replace")
-    if 400 <= status < 500:
-        return ClientError(f"engine refused the request: {msg}", code="engine_rejected")
-    return EngineError(f"engine answered {status}: {msg}")
+        err = ev.get("error")
+        if err is not None:
+            self.on_read_done()
+            self._fail(EngineError(f"engine error during generation: {error_message(err)}"))
 
 
 class LlamaServerClient:
@@ -208,17 +130,10 @@ class LlamaServerClient:
         self.pool.close()
 
     async def health(self) -> bool:
-        try:
-            status, _ = await request_json(self.pool, "GET", "/health", timeout_s=2.0)
-        except EngineError:
-            return False
-        return status == 200
+        return await healthy(self.pool, 2.0)
 
     async def _call(self, path: str, body: Any) -> Any:
-        status, data = await request_json(self.pool, "POST", path, body)
-        if status != 200:
-            raise _status_error(status, orjson.dumps(data))
-        return data
+        return await call_json(self.pool, path, body)
 
     async def prompt_ids_for_chat(self, messages: tuple[ChatMessage, ...]) -> tuple[int, ...]:
         data = await self._call(
@@ -273,7 +188,7 @@ class LlamaServerClient:
     async def generate(
         self, cont: Continuation, sink: TokenSink, slot: int | None = None
     ) -> Generation:
-        gen = _SSEGeneration(cont.start, sink)
+        gen = LlamaGeneration(cont.start, sink)
         body = orjson.dumps(completion_body(cont, slot))
         req = build_request("POST", self.host, self.port, "/completion", body, keep_alive=False)
         gen._proto = await self.pool.exchange(

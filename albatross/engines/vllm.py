@@ -45,6 +45,8 @@ from albatross.engines.base import Capabilities, Generation, TokenSink
 from albatross.engines.http_client import (
     ConnectionPool,
     build_request,
+    call_json,
+    healthy,
     request_json,
     split_base_url,
 )
@@ -52,7 +54,6 @@ from albatross.engines.vllm_generation import (
     VllmGeneration,
     completions_body,
     prompt_evaluated,
-    status_error,
 )
 
 CAPABILITIES = Capabilities(
@@ -114,17 +115,10 @@ class VllmClient:
         self.pool.close()
 
     async def health(self) -> bool:
-        try:
-            status, _ = await request_json(self.pool, "GET", "/health", timeout_s=5.0)
-        except EngineError:
-            return False
-        return status == 200
+        return await healthy(self.pool, 5.0)
 
     async def _call(self, path: str, body: Any) -> Any:
-        status, data = await request_json(self.pool, "POST", path, body)
-        if status != 200:
-            raise status_error(status, orjson.dumps(data))
-        return data
+        return await call_json(self.pool, path, body)
 
     async def prompt_ids_for_chat(self, messages: tuple[ChatMessage, ...]) -> tuple[int, ...]:
         """The chat rendered with the model's template and tokenized by the server."""

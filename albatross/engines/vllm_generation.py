@@ -18,10 +18,11 @@ from typing import Any
 
 import orjson
 
-from albatross.core.errors import ClientError, EngineError
+from albatross.core.errors import EngineError
 from albatross.core.journal import Continuation
 from albatross.engines.base import Finished, TokenSink
-from albatross.engines.http_client import EngineConnection
+from albatross.engines.http_client import error_message
+from albatross.engines.sse_generation import SSEGeneration
 
 _SAMPLING_FIELDS = (
     ("temperature", "temperature"),
@@ -67,19 +68,6 @@ def stop_type(finish_reason: str | None, stop_reason: object) -> str:
     return "none"
 
 
-def status_error(status: int, body: bytes) -> EngineError | ClientError:
-    """vLLM's error answer as ours: a 4xx is the request's fault, the rest the engine's."""
-    try:
-        data = orjson.loads(body)
-        err = data.get("error", data) if isinstance(data, dict) else data
-        msg = str(err.get("message", err)) if isinstance(err, dict) else str(err)
-    except orjson.JSONDecodeError:
-        msg = body[:200].decode("utf-8", "replace")
-    if 400 <= status < 500:
-        return ClientError(f"engine refused the request: {msg}", code="engine_rejected")
-    return EngineError(f"engine answered {status}: {msg}")
-
-
 def prompt_evaluated(usage: Any) -> int | None:
     """Prompt tokens vLLM computed (not taken from its prefix cache), if it said."""
     if not isinstance(usage, dict) or "prompt_tokens" not in usage:
@@ -88,87 +76,31 @@ def prompt_evaluated(usage: Any) -> int | None:
     return int(usage["prompt_tokens"]) - int(details.get("cached_tokens") or 0)
 
 
-class VllmGeneration:
-    """Parses vLLM's SSE body into sink calls; the hot path of every token."""
+class VllmGeneration(SSEGeneration):
+    """vLLM's ``/v1/completions`` chunks: ``choices[0].token_ids`` with their released
+    ``text``; a ``finish_reason``, a usage chunk, then ``[DONE]``."""
 
-    __slots__ = (
-        "_buf",
-        "_done",
-        "_err_body",
-        "_finish",
-        "_got",
-        "_pos",
-        "_prompt_n",
-        "_proto",
-        "_sink",
-        "_status",
-        "_stop_reason",
-    )  # fmt: skip
+    __slots__ = ("_finish", "_pos", "_prompt_n", "_stop_reason")
 
     def __init__(self, start: int, sink: TokenSink) -> None:
+        super().__init__(sink)
         self._pos = start
-        self._sink = sink
-        self._buf = b""
-        self._status = 0
-        self._err_body = b""
-        self._done = False
-        self._got = False  # tokens handed to the sink since the last on_batch
         self._finish: str | None = None
         self._stop_reason: object = None
         self._prompt_n: int | None = None
-        self._proto: EngineConnection | None = None
 
-    # Generation protocol
-    def cancel(self) -> None:
-        self._done = True
-        if self._proto is not None:
-            self._proto.close()
-
-    def pause(self) -> None:
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.pause_reading()
-
-    def resume(self) -> None:
-        if self._proto is not None and self._proto.transport is not None:
-            self._proto.transport.resume_reading()
-
-    # EngineConnection callbacks
-    def on_head(self, status: int) -> None:
-        self._status = status
-
-    def on_body(self, data: bytes) -> None:
-        if self._status != 200:
-            self._err_body += data
+    def _payload(self, payload: bytes) -> None:
+        if payload == b"[DONE]":
+            self.on_read_done()
+            self._finished()
             return
-        buf = self._buf + data if self._buf else data
-        start = 0
-        while not self._done:
-            end = buf.find(b"\n\n", start)
-            if end == -1:
-                break
-            block = buf[start:end]
-            start = end + 2
-            if not block.startswith(b"data: "):
-                continue
-            payload = block[6:]
-            if payload == b"[DONE]":
-                self.on_read_done()
-                self._finished()
-                return
-            try:
-                ev = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                self._fail(EngineError(f"engine sent a malformed event: {block[:120]!r}"))
-                return
-            self._event(ev)
-        self._buf = buf[start:] if start < len(buf) else b""
-
-    def _event(self, ev: Any) -> None:
+        ev = self._json(payload)
+        if ev is None:
+            return
         err = ev.get("error")
         if err is not None:
             self.on_read_done()
-            msg = err.get("message", err) if isinstance(err, dict) else err
-            self._fail(EngineError(f"engine error during generation: {msg}"))
+            self._fail(EngineError(f"engine error during generation: {error_message(err)}"))
             return
         if ev.get("usage") is not None:
             self._prompt_n = prompt_evaluated(ev["usage"])
@@ -184,21 +116,11 @@ class VllmGeneration:
                 self._finish = choice["finish_reason"]
                 self._stop_reason = choice.get("stop_reason")
 
-    def on_read_done(self) -> None:
-        """One socket read is consumed: tokens that arrived together leave together."""
-        if self._got:
-            self._got = False
-            self._sink.on_batch()
-
-    def on_end(self, error: EngineError | None) -> None:
-        if self._done:
-            return
-        if self._status not in (0, 200):
-            self._fail(status_error(self._status, self._err_body))
-        elif error is None and self._finish is not None:
+    def _ended(self, error: EngineError | None) -> None:
+        if error is None and self._finish is not None:
             self._finished()  # a complete response without [DONE]
         else:
-            self._fail(error or EngineError("engine ended the stream without a final event"))
+            super()._ended(error)
 
     def _finished(self) -> None:
         if self._done:
@@ -210,11 +132,3 @@ class VllmGeneration:
         if self._proto is not None:
             self._proto.close()
         self._sink.on_finish(Finished(stop_type(self._finish, self._stop_reason), self._prompt_n))
-
-    def _fail(self, error: EngineError | ClientError) -> None:
-        if self._done:
-            return
-        self._done = True
-        if self._proto is not None:
-            self._proto.close()
-        self._sink.on_error(error)
