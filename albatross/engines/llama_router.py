@@ -221,7 +221,7 @@ class RouterModelClient(LlamaServerClient):
         self.router = router
         self.model = model
 
-    async def health(self) -> bool:
+    async def health(self, timeout_s: float = 2.0) -> bool:
         """The model is loaded or idle-sleeping (it then wakes on the first request)."""
         try:
             return (await self.router.model(self.model)).serving

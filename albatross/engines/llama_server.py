@@ -129,8 +129,8 @@ class LlamaServerClient:
         """Drop idle connections (the replica went away or was replaced)."""
         self.pool.close()
 
-    async def health(self) -> bool:
-        return await healthy(self.pool, 2.0)
+    async def health(self, timeout_s: float = 2.0) -> bool:
+        return await healthy(self.pool, timeout_s)
 
     async def _call(self, path: str, body: Any) -> Any:
         return await call_json(self.pool, path, body)

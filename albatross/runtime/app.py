@@ -124,10 +124,15 @@ def _price(m: ModelConfig) -> Price:
     return Price(m.price_spot_per_hour, m.price_on_demand_per_hour)
 
 
+PROBE_CEILING_S = 300.0
+"""The probe's own time-out: only a ceiling. The supervisor bounds every probe with
+``supervisor.health_timeout_s``; a shorter limit here would silently override it."""
+
+
 async def probe(base_url: str) -> bool:
     client = LlamaServerClient(base_url)
     try:
-        return await client.health()
+        return await client.health(PROBE_CEILING_S)
     finally:
         client.close()
 

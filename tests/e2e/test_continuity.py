@@ -448,8 +448,10 @@ def _kill(pid: int, sig: int) -> bool:
 
 def _chaos_requests() -> list[Req]:
     kinds = [("chat", True), ("chat", False), ("completion", True), ("completion", False)]
+    # LONG: streams must still run after two kills and up to 3 s of pauses (at 200
+    # tokens they had all ended before the third kill on a fast run).
     return [
-        Req(kind, f"Request {i}: the ship {i * 7} sails west, and the crew", stream)
+        Req(kind, f"Request {i}: the ship {i * 7} sails west, and the crew", stream, LONG)
         for i, (kind, stream) in enumerate(kinds[i % 4] for i in range(24))
     ]
 
